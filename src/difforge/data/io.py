@@ -10,10 +10,11 @@ Mode conversions done by `open_image` / `decode_image`:
   ``YCbCr``, ``LAB``, ``HSV`` are converted with Pillow's own conversions;
 - anything with transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, a
   palette or a grey/RGB PNG with a ``tRNS`` colour) is alpha-composited over white;
-- 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) is scaled to 8-bit by ``v / 257``
-  (65535 -> 255), rounded; 32-bit ``I`` and float ``F`` images are scaled by their value
-  range (``F`` in [0, 1] -> x 255; integer data that fits 0..255 kept; fits 0..65535 -> / 257;
-  otherwise min-max stretched);
+- 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, and ``I`` from a PNG, as older
+  Pillow reads 16-bit PNGs) is scaled to 8-bit by ``v / 257`` (65535 -> 255), rounded; other
+  32-bit ``I``/``I;*`` and float ``F`` images are scaled by their value range (``F`` in
+  [0, 1] -> x 255; integer data that fits 0..255 kept; fits 0..65535 -> / 257; otherwise
+  min-max stretched); 16-bit RGB/RGBA PNGs are reduced to 8 bits by Pillow itself;
 - the EXIF orientation tag is applied (photos come out upright);
 - RGB -> grey uses Pillow's ITU-R 601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``).
 
@@ -107,10 +108,10 @@ def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
     return [path for _, path in found]
 
 
-def _scale_wide_grey(img: Image.Image) -> Image.Image:
+def _scale_wide_grey(img: Image.Image, sixteen_bit: bool) -> Image.Image:
     """16-bit / 32-bit / float grey image -> 8-bit ``L`` image (see the module docstring)."""
     values = np.asarray(img)
-    if img.mode in _SIXTEEN_BIT_MODES:
+    if sixteen_bit:
         out = values.astype(np.float32) / 257.0
     elif img.mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
         out = values.astype(np.float32) * 255.0
@@ -128,11 +129,15 @@ def _scale_wide_grey(img: Image.Image) -> Image.Image:
     return Image.fromarray(out)
 
 
-def _normalise_mode(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to one of ``L``, ``LA``, ``RGB``, ``RGBA``."""
+def _normalise_mode(img: Image.Image, file_format: str | None) -> Image.Image:
+    """Convert any Pillow mode to one of ``L``, ``LA``, ``RGB``, ``RGBA``.
+
+    ``file_format`` (Pillow's ``format`` of the file): PNG integer grey is always 16-bit.
+    """
     mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        return _scale_wide_grey(img)
+    if mode in ("I", "F") or mode.startswith("I;"):
+        sixteen_bit = mode in _SIXTEEN_BIT_MODES or (mode == "I" and file_format == "PNG")
+        return _scale_wide_grey(img, sixteen_bit)
     has_key_colour = "transparency" in img.info
     if mode == "1":
         return img.convert("L")
@@ -178,8 +183,9 @@ def open_image(
             if draft_size is not None and img.format == "JPEG":
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()  # decodes the first frame; raises on truncated data
+            file_format = img.format
             img = ImageOps.exif_transpose(img)
-            img = _over_white(_normalise_mode(img))
+            img = _over_white(_normalise_mode(img, file_format))
             return img.convert(mode) if img.mode != mode else img.copy()
     except UnreadableImageError:
         raise

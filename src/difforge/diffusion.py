@@ -403,7 +403,7 @@ class GaussianDiffusion:
             clip_denoised: clamp the predicted x0 to [-1, 1] before the mean.
             dynamic_threshold: Imagen's dynamic thresholding (Saharia et al. 2022): with
                 percentile p, s = max(1, quantile_p(|x0|)) per sample, x0 <- clamp(x0, -s, s) / s.
-            denoised_fn: any further map applied to x0 (after clipping).
+            denoised_fn: any map applied to x0 BEFORE the clipping (improved-diffusion's order).
         """
         self._check_t(t, x_t.shape[0])
         prediction, variance_values = self.split_output(model_output, x_t)
@@ -434,12 +434,12 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """Predicted x0 from a (C-channel) prediction, with the optional clipping rules."""
         x0 = self.pred_x0(prediction, x_t, t)
+        if denoised_fn is not None:
+            x0 = denoised_fn(x0)
         if dynamic_threshold is not None:
             x0 = dynamic_thresholding(x0, dynamic_threshold)
         elif clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
-        if denoised_fn is not None:
-            x0 = denoised_fn(x0)
         return x0
 
     # ---- likelihood ----------------------------------------------------------------------

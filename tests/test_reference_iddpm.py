@@ -68,7 +68,8 @@ def pair(
 ) -> tuple[GaussianDiffusion, gd.GaussianDiffusion]:
     """The same process on both sides."""
     loss = loss or ("hybrid" if variance == "learned_range" else "mse")
-    ours = GaussianDiffusion(NoiseSchedule.named(name, T), prediction=prediction, variance=variance, loss=loss)
+    schedule = NoiseSchedule.named(name, T)
+    ours = GaussianDiffusion(schedule, prediction=prediction, variance=variance, loss=loss)
     theirs = gd.GaussianDiffusion(
         betas=gd.get_named_beta_schedule(name, T),
         model_mean_type=MEAN_TYPES[prediction],

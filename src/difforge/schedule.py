@@ -228,12 +228,14 @@ class NoiseSchedule:
             raise DifforgeError(f"betas must be a non-empty 1-D array, got shape {array.shape}")
         if not np.all(np.isfinite(array)) or np.any(array <= 0.0) or np.any(array >= 1.0):
             bad = int(np.flatnonzero(~((array > 0) & (array < 1)))[0])
-            raise DifforgeError(f"betas must lie in the open interval (0, 1); betas[{bad}] = {array[bad]!r}")
+            raise DifforgeError(
+                f"betas must lie in the open interval (0, 1); betas[{bad}] = {float(array[bad])!r}"
+            )
         if must_be_monotone and np.any(np.diff(array) < 0):
             bad = int(np.flatnonzero(np.diff(array) < 0)[0]) + 1
             raise DifforgeError(
-                f"betas must be non-decreasing (noise grows with t); betas[{bad}] = {array[bad]!r} "
-                f"< betas[{bad - 1}] = {array[bad - 1]!r}"
+                f"betas must be non-decreasing (noise grows with t); betas[{bad}] = {float(array[bad])!r} "
+                f"< betas[{bad - 1}] = {float(array[bad - 1])!r}"
             )
         return array
 

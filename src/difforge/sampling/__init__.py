@@ -91,6 +91,42 @@ def sample(
     return _ODE_SAMPLERS[sampler](model, diffusion, noise, sigmas, callback=callback, **options)
 
 
+def generate(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    class_labels: torch.Tensor | None = None,
+    null_label: int | float | None = None,
+    guidance: float = 1.0,
+    image_cond: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    **sample_options: Any,
+) -> torch.Tensor:
+    """Draw unit noise of ``shape`` from ``generator`` and run `sample` on it, with class labels
+    (``class_labels`` keyword of the model), an optional image condition and classifier-free
+    guidance of weight ``guidance`` against ``null_label``.
+
+    Returns (B, C, H, W) samples on ``device``.
+    """
+    gen_device = generator.device if generator is not None else torch.device(device)
+    noise = torch.randn(shape, generator=generator, device=gen_device).to(device)
+    model_kwargs: dict[str, Any] = {}
+    if class_labels is not None:
+        model_kwargs["class_labels"] = class_labels.to(device)
+    if image_cond is not None:
+        model_kwargs["image_cond"] = image_cond.to(device)
+    denoiser = model
+    if guidance != 1.0:
+        if class_labels is None or null_label is None:
+            raise DifforgeError("guidance needs class labels and a model trained with a null label")
+        denoiser = classifier_free_guidance(model, guidance, {"class_labels": null_label})
+    return sample(
+        denoiser, diffusion, noise, model_kwargs=model_kwargs, generator=generator, **sample_options
+    )
+
+
 __all__ = [
     "SAMPLER_NAMES",
     "SPACINGS",
@@ -102,6 +138,7 @@ __all__ = [
     "ddpm",
     "dpmpp_2m",
     "euler",
+    "generate",
     "heun",
     "karras_sigmas",
     "logsnr_sigmas",

@@ -1,0 +1,3 @@
+from difforge.cli import main
+
+raise SystemExit(main())

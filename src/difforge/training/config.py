@@ -1,0 +1,196 @@
+"""Training settings and the run's ``config.json``: typed dataclasses, one source of defaults.
+
+The CLI builds its flags and their defaults from `TrainConfig`, so a default lives here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from difforge import __version__
+from difforge.diffusion import DiffusionConfig
+from difforge.errors import DifforgeError
+from difforge.nn import UNetConfig
+
+CONFIG_FILE = "config.json"
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about how a model is trained (the model and process have their own configs).
+
+    Attributes:
+        data: a folder of images or a built-in dataset name (mnist, digits, emoji).
+        image_size: training resolution S (images are resized and cropped to S x S);
+            None = 32.
+        channels: 1 (grey) or 3 (RGB); None = the data's own.
+        class_folders: label folder images by their first-level sub-folder.
+        conditional: train class-conditionally when the data has labels.
+        random_crop / hflip: augmentations.
+        preset: the U-Net preset (see ``difforge.nn.UNetConfig.preset``).
+        steps: optimizer steps; None = from ``epochs``, or the preset's default.
+        epochs: passes over the data (used when ``steps`` is None).
+        batch_size: images per optimizer step per device, before accumulation.
+        grad_accum: micro-batches accumulated per optimizer step.
+        lr / warmup_steps / weight_decay / grad_clip: AdamW with linear warm-up, then
+            constant; gradient norm clipping (0 = off).
+        ema_decay: EMA of the weights; the decay warms up as min(decay, (1 + n) / (10 + n)).
+        p_uncond: probability of replacing a label by the null label (classifier-free guidance).
+        timestep_sampler: ``uniform`` or ``importance`` (IDDPM loss-second-moment).
+        mixed_precision: auto (bf16/fp16 on CUDA, off on CPU), no, bf16, fp16.
+        seed: seeds the model initialisation, data order, noise and timesteps.
+        sample_every / checkpoint_every / log_every: intervals in optimizer steps (0 = only
+            at the end for samples and checkpoints).
+        keep_checkpoints: how many checkpoint folders to keep.
+        num_workers: DataLoader worker processes.
+        tensorboard: write TensorBoard events (needs the ``tensorboard`` package).
+        preview_images / preview_sampler / preview_steps: the sample grid made during training.
+    """
+
+    data: str = "mnist"
+    image_size: int | None = None
+    channels: int | None = None
+    class_folders: bool = False
+    conditional: bool = True
+    random_crop: bool = False
+    hflip: bool = False
+    preset: str = "mnist"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1
+    timestep_sampler: str = "uniform"
+    mixed_precision: str = "auto"
+    seed: int = 0
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 10
+    keep_checkpoints: int = 3
+    num_workers: int = 0
+    tensorboard: bool = True
+    preview_images: int = 40
+    preview_sampler: str = "dpmpp_2m"
+    preview_steps: int = 20
+
+    def validate(self) -> None:
+        positive = ("batch_size", "grad_accum", "log_every", "preview_images", "preview_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise DifforgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "checkpoint_every", "warmup_steps", "num_workers", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise DifforgeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise DifforgeError(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise DifforgeError(f"--epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise DifforgeError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise DifforgeError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise DifforgeError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
+        if self.grad_clip < 0:
+            raise DifforgeError(f"--grad-clip must be >= 0, got {self.grad_clip}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DifforgeError(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        if self.image_size is not None and self.image_size < 4:
+            raise DifforgeError(f"--image-size must be >= 4, got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise DifforgeError(f"--channels must be 1 or 3, got {self.channels}")
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], what: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DifforgeError(
+            f"{what} has unknown field(s) {', '.join(unknown)} (written by another difforge version?)"
+        )
+    return cls(**dict(data))
+
+
+@dataclass
+class DataInfo:
+    """What the model was trained on (for sampling by class name and for provenance)."""
+
+    source: str = ""
+    class_names: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    num_images: int = 0
+    skipped: int = 0
+    attribution: str = ""
+
+
+@dataclass
+class RunConfig:
+    """The whole of ``config.json``: model, process, training and data settings."""
+
+    model: UNetConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    data: DataInfo
+    difforge_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "difforge_version": self.difforge_version,
+            "model": self.model.to_dict(),
+            "diffusion": self.diffusion.to_dict(),
+            "train": asdict(self.train),
+            "data": asdict(self.data),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = CONFIG_FILE) -> RunConfig:
+        expected = {"difforge_version", "model", "diffusion", "train", "data"}
+        unknown = sorted(set(data) - expected)
+        missing = sorted(expected - set(data) - {"difforge_version"})
+        if unknown or missing:
+            problem = f"unknown field(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
+            raise DifforgeError(f"{source}: {problem} (written by another difforge version?)")
+        try:
+            return cls(
+                model=UNetConfig.from_dict(data["model"]),
+                diffusion=DiffusionConfig.from_dict(data["diffusion"]),
+                train=_from_mapping(TrainConfig, data["train"], f"{source} 'train'"),
+                data=_from_mapping(DataInfo, data["data"], f"{source} 'data'"),
+                difforge_version=str(data.get("difforge_version", "")),
+            )
+        except DifforgeError as error:
+            raise DifforgeError(f"{source}: {error}") from None
+        except (TypeError, AttributeError) as error:
+            raise DifforgeError(f"{source}: malformed settings ({error})") from None
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunConfig:
+        """Read ``RUN/config.json``; a missing, unreadable or malformed file is a DifforgeError."""
+        path = Path(run_dir) / CONFIG_FILE
+        if not Path(run_dir).is_dir():
+            raise DifforgeError(f"run folder {str(run_dir)!r} does not exist")
+        if not path.is_file():
+            raise DifforgeError(f"{path} is missing: is {str(run_dir)!r} a difforge run folder?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DifforgeError(f"{path} is damaged ({error})") from None
+        if not isinstance(data, dict):
+            raise DifforgeError(f"{path} is damaged (not a JSON object)")
+        return cls.from_dict(data, str(path))

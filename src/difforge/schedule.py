@@ -68,6 +68,11 @@ def named_betas(name: str, num_steps: int) -> np.ndarray:
         raise DifforgeError(f"num_steps must be a positive integer, got {num_steps!r}")
     num_steps = int(num_steps)
     beta_start, beta_end = _linear_endpoints(num_steps)
+    if name in ("linear", "quadratic", "sigmoid") and beta_end >= 1.0:
+        raise DifforgeError(
+            f"the {name} schedule needs num_steps >= 21 (its last beta, 0.02 * 1000 / num_steps, "
+            f"must be < 1); got num_steps={num_steps}: use more steps or the cosine schedule"
+        )
     if name == "linear":
         return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
     if name == "cosine":

@@ -11,7 +11,7 @@ from difforge.errors import DifforgeError
 from difforge.schedule import SCHEDULE_NAMES, NoiseSchedule, named_betas, respaced_timesteps
 
 
-@pytest.mark.parametrize("T", [10, 1000, 4000])
+@pytest.mark.parametrize("T", [21, 1000, 4000])
 def test_linear_schedule_endpoints_scale_with_T(T):
     betas = named_betas("linear", T)
     assert betas[0] == pytest.approx(1e-4 * 1000 / T, rel=1e-12)
@@ -119,6 +119,9 @@ def test_unknown_schedule_name_lists_the_names():
 
 @pytest.mark.parametrize("steps", [0, -5, 2.5, True, "100"])
 def test_bad_num_steps(steps):
+    with pytest.raises(DifforgeError, match=r"the linear schedule needs num_steps >= 21 .*got num_steps=20"):
+        named_betas("linear", 20)
+    assert named_betas("cosine", 2).shape == (2,) and named_betas("sigmoid", 21)[-1] < 1
     with pytest.raises(DifforgeError, match="num_steps must be a positive integer"):
         named_betas("linear", steps)
 

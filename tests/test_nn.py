@@ -409,14 +409,27 @@ def _compile_available() -> bool:
     return True
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _compile_available(), reason="torch.compile / a C++ compiler unavailable")
-def test_compiled_matches_eager() -> None:
+def _compile_check(backend: str) -> None:
     cfg = tiny(base_channels=8, channel_mult=(1, 2), norm_groups=4, num_classes=3)
     model = randomized(UNet(cfg)).eval()
     x, t = inputs(cfg)
     labels = torch.tensor([0, 3])
+    torch._dynamo.reset()
     with torch.no_grad():
         eager = model(x, t, labels)
-        compiled = torch.compile(model, dynamic=False)(x, t, labels)
-    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+        compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
+        out = compiled(x, t, labels)
+    torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_graph_capture_matches_eager() -> None:
+    """Dynamo captures the whole forward as one graph (no breaks); quick backend."""
+    pytest.importorskip("torch._dynamo")
+    _compile_check("aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _compile_available(), reason="torch.compile / a C++ compiler unavailable")
+def test_compiled_inductor_matches_eager() -> None:
+    """Full inductor compile (about a minute on a 2-core CPU, hence `slow`)."""
+    _compile_check("inductor")

@@ -113,7 +113,9 @@ def _add_dataclass_flags(
                 help=f"{helps[f.name]} (default: {'on' if default else 'off'})",
             )
             continue
-        kind = {"int": int, "float": float, "str": str}.get(type(default).__name__ if default is not None else "")
+        kind = {"int": int, "float": float, "str": str}.get(
+            type(default).__name__ if default is not None else ""
+        )
         if kind is None:
             text = str(f.type)
             kind = int if "int" in text else float if "float" in text else str
@@ -186,6 +188,7 @@ def _run_train(args: argparse.Namespace) -> int:
         train_config, diffusion_config = saved.train, saved.diffusion
         model_overrides = saved.model.to_dict()
     else:
+        TrainConfig(**train_values).validate()
         if (out / "config.json").exists():
             raise DifforgeError(
                 f"{out} already holds a run: pass --resume to continue it, or choose another --out"
@@ -274,7 +277,7 @@ def _add_sample(subparsers: Any) -> None:
     parser.add_argument("--out", help="output grid PNG (default: RUN/samples/sample_<seed>.png)")
     parser.add_argument("--no-grid", action="store_true", help="do not write the grid PNG")
     parser.add_argument("--images-dir", help="also write every image as its own PNG into this folder")
-    parser.add_argument("--gif", help="write a GIF of the denoising (predicted x0 over the steps)")
+    parser.add_argument("--gif", help="write a GIF of the denoising (x_t at every step, then the result)")
     parser.add_argument("--fps", type=float, default=8.0, help="GIF frames per second (default: 8)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.set_defaults(func=_run_sample)
@@ -299,7 +302,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     frames: dict[int, list[torch.Tensor]] = {}
 
     def keep(batch: int, info: Any) -> None:
-        frames.setdefault(info.index, []).append(info.pred_x0.detach().cpu())
+        frames.setdefault(info.index, []).append(info.x.detach().cpu())
 
     columns = None
     if pipe.num_classes and classes:

@@ -45,8 +45,9 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 def test_sample_writes_grid_pngs_and_gif(trained_run: Path, tmp_path: Path) -> None:
     grid, gif, folder = tmp_path / "grid.png", tmp_path / "steps.gif", tmp_path / "each"
-    argv = ["sample", str(trained_run), "-n", "6", "--steps", "4", "--out", str(grid), "--images-dir",
-            str(folder), "--gif", str(gif), "--class", "3,7", "--guidance", "2", "--batch-size", "4"]  # fmt: skip
+    argv = ["sample", str(trained_run), "-n", "6", "--steps", "4", "--out", str(grid),
+            "--images-dir", str(folder), "--gif", str(gif), "--class", "3,7", "--guidance", "2",
+            "--batch-size", "4"]  # fmt: skip
     assert main(argv) == 0
     assert Image.open(grid).size == (2 + 2 * 18, 2 + 3 * 18)  # 2 columns (classes) x 3 rows of 16 + 2 padding
     files = sorted(folder.glob("*.png"))
@@ -137,8 +138,9 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-               "-m", "difforge", "train", "digits", "--out", str(run), "--steps", "2", *TINY_TRAIN]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_port=29517", "-m", "difforge", "train", "digits", "--out", str(run),
+               "--steps", "2", *TINY_TRAIN]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -82,7 +82,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path, overrides: dict[str, object
         assert torch.equal(tensor, second.model.state_dict()[name]), name
     assert all(
         torch.equal(a, b)
-        for a, b in zip(straight.ema.model.state_dict().values(), second.ema.model.state_dict().values())
+        for a, b in zip(
+            straight.ema.model.state_dict().values(), second.ema.model.state_dict().values(), strict=True
+        )
     )
 
 

@@ -368,9 +368,8 @@ def _run_info(args: argparse.Namespace) -> int:
     model = config.model
     print(f"run:        {run}")
     print(f"version:    difforge {config.difforge_version}")
-    print(
-        f"data:       {config.data.source} ({config.data.num_images} images, fingerprint {config.data.fingerprint})"
-    )
+    data = config.data
+    print(f"data:       {data.source} ({data.num_images} images, fingerprint {data.fingerprint})")
     classes = ", ".join(config.data.class_names) if config.data.class_names else "none"
     print(f"classes:    {classes}")
     print(

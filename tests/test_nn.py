@@ -209,6 +209,15 @@ def test_preset_errors_and_overrides() -> None:
     assert UNetConfig.preset("small", num_classes=7).num_classes == 7
 
 
+def test_preset_image_size_override_rescales_attention() -> None:
+    assert UNetConfig.preset("mnist", image_size=28).attention_resolutions == (7,)
+    assert UNetConfig.preset("ddpm-cifar10", image_size=64).attention_resolutions == (32,)
+    explicit = UNetConfig.preset("ddpm-cifar10", image_size=64, attention_resolutions=(16,))
+    assert explicit.attention_resolutions == (16,)
+    with pytest.raises(DifforgeError, match="channel_mult"):
+        UNetConfig.preset("small", image_size=28)  # 28 is not divisible by 2**3
+
+
 # --------------------------------------------------------------------------- config
 
 

@@ -282,6 +282,9 @@ class UNetConfig:
         ``small`` (CPU default for 32x32), ``ddpm-cifar10`` (Ho et al. 2020, 35.7M),
         ``iddpm-cifar10`` (Nichol & Dhariwal 2021, learned sigma, 52.5M) and
         ``adm-imagenet64`` (Dhariwal & Nichol 2021, class-conditional ImageNet 64x64).
+
+        Overriding ``image_size`` alone rescales ``attention_resolutions`` so attention stays
+        at the same depth (``mnist`` at 28x28 attends at 7x7, ``ddpm-cifar10`` at 64x64 at 32).
         """
         if name not in PRESETS:
             raise DifforgeError(
@@ -294,6 +297,12 @@ class UNetConfig:
                 raise DifforgeError(
                     f"unknown UNetConfig field {key!r}; valid fields: {', '.join(sorted(known))}"
                 )
+        size = overrides.get("image_size", base["image_size"])
+        if size != base["image_size"] and "attention_resolutions" not in overrides:
+            # Keep attention at the same depth of the network: 16 at 32x32 becomes 8 at 16x16.
+            scaled = tuple(r * size / base["image_size"] for r in base["attention_resolutions"])
+            if all(float(r).is_integer() for r in scaled):
+                base["attention_resolutions"] = tuple(int(r) for r in scaled)
         base.update(overrides)
         return cls(**base)
 

@@ -189,22 +189,30 @@ def load_inception(
     """Load the verified TorchScript Inception onto ``device``.
 
     Returns ``(module, sha256)``; the module maps float32 (N, 3, 299, 299) in [-1, 1) to
-    float32 (N, 2048). ``optimize=False`` gives the unmodified module (eval mode).
+    float32 (N, 2048). ``optimize=False`` gives the unmodified module (eval mode). Loaded
+    modules are kept per (file, device, optimize) for the life of the process (they hold
+    no state), so repeated commands in one process load and freeze the network once.
     """
     path = find_inception_weights(weights)
-    device = torch.device(device)
+    return _load_verified(str(path.resolve()), str(torch.device(device)), optimize), WEIGHTS_SHA256
+
+
+@cache
+def _load_verified(path: str, device_name: str, optimize: bool) -> torch.jit.ScriptModule:
+    """`torch.jit.load` + optional `optimize_graph` of an already verified weights file."""
+    device = torch.device(device_name)
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        module = torch.jit.load(path, map_location=device)
     except Exception as exc:  # a damaged zip, an incompatible TorchScript version
-        raise DifforgeError(f"cannot load Inception weights {str(path)!r}: {exc}") from exc
+        raise DifforgeError(f"cannot load Inception weights {path!r}: {exc}") from exc
     module = module.eval()
     if optimize:
         try:
             module = optimize_graph(module)
         except (RuntimeError, AttributeError) as exc:  # pragma: no cover - torch internals
             warnings.warn(f"Inception graph optimisation unavailable ({exc}); slower path", stacklevel=2)
-            module = torch.jit.load(str(path), map_location=device).eval()
-    return module, WEIGHTS_SHA256
+            module = torch.jit.load(path, map_location=device).eval()
+    return module
 
 
 def tf1_bilinear_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
@@ -252,6 +260,8 @@ def preprocess(images: np.ndarray | list[np.ndarray], device: str | torch.device
     out = []
     for group in groups:
         arr = np.ascontiguousarray(_as_nhwc3(group))
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
+            arr = arr.copy()
         x = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).to(torch.float32)
         if x.shape[2] != INCEPTION_SIZE or x.shape[3] != INCEPTION_SIZE:
             x = tf1_bilinear_resize(x, INCEPTION_SIZE)

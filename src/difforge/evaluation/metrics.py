@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from difforge.errors import DifforgeError
 
@@ -68,7 +69,10 @@ def _eigh_clipped(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``d * eps * max|w|`` (the eigensolver's backward error) count as zero.
     """
     sym = (a + a.T) * 0.5
-    w, v = np.linalg.eigh(sym)
+    # LAPACK syevd through torch (MKL): same algorithm as numpy.linalg.eigh, several times
+    # faster on a 2048 x 2048 covariance than numpy's bundled OpenBLAS here.
+    w_t, v_t = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(sym)))
+    w, v = w_t.numpy(), v_t.numpy()
     tol = sym.shape[0] * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), 1e-300)
     return np.where(w > tol, w, 0.0), v
 

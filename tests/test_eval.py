@@ -413,3 +413,27 @@ def test_builtin_slices_are_disjoint_and_shuffled() -> None:
     a, b = np.stack(first.load(0, 50)), np.stack(second.load(0, 50))
     assert a.shape == (50, 32, 32, 1) and first.fingerprint != second.fingerprint
     assert not any((a[i] == b).all(axis=(1, 2, 3)).any() for i in range(50))
+
+
+def test_run_is_sampled_through_the_pipeline(tmp_path, monkeypatch) -> None:
+    """A run directory is sampled with ``Pipeline.from_run(run)(num_images, ...)``."""
+    pipeline = pytest.importorskip("difforge.pipeline")
+    from difforge.evaluation.sources import SamplingOptions, open_input
+
+    calls: list[dict[str, object]] = []
+
+    class FakePipeline:
+        def __call__(self, num_images: int, **kwargs: object) -> np.ndarray:
+            calls.append({"num_images": num_images, **kwargs})
+            return np.full((num_images, 16, 16, 3), 7, np.uint8)
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_run", classmethod(lambda cls, p: FakePipeline()))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    source = open_input(str(run), 5, SamplingOptions(sampler="ddim", steps=10, seed=3))
+    other = open_input(str(run), 5, SamplingOptions(sampler="ddim", steps=20, seed=3))
+    assert source.count == 5 and source.fingerprint != other.fingerprint
+    images = source.load(0, 3) + source.load(3, 5)
+    assert len(images) == 5 and images[0].shape == (16, 16, 3)
+    assert calls == [{"num_images": 5, "seed": 3, "sampler": "ddim", "steps": 10}]

@@ -16,7 +16,8 @@ by ``difforge eval stats``) or an `ImageSource` that yields uint8 image batches:
 
 Every source has a ``fingerprint`` (SHA-256 over what defines its images: relative paths,
 sizes and modification times of a folder's files; a built-in's data hash and slice; a run's
-files and sampling options) so statistics can be reused while the data is unchanged.
+top-level files (config, weights) and sampling options), so statistics can be reused while
+the data is unchanged.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def run_source(path: str | os.PathLike[str], num_images: int | None, options: Sa
         raise DifforgeError(
             f"sampling the run {str(path)!r} for FID needs -n N (at least {MIN_SAMPLES} images)"
         )
-    listing = _file_listing(sorted(p for p in path.rglob("*") if p.is_file()), path)
+    # top-level files: config.json and the weights sampled from (model/ema.safetensors)
+    listing = _file_listing(sorted(p for p in path.iterdir() if p.is_file()), path)
     opts = {
         "sampler": options.sampler,
         "steps": options.steps,
@@ -234,13 +236,10 @@ def sample_run(path: Path, num_images: int, options: SamplingOptions) -> np.ndar
             ) from None
         raise
     pipe = Pipeline.from_run(path)
-    images = pipe(
-        num_images=num_images,
-        sampler=options.sampler,
-        steps=options.steps,
-        guidance=options.guidance,
-        seed=options.seed,
-    )
+    chosen = {"sampler": options.sampler, "steps": options.steps, "guidance": options.guidance}
+    # options left unset keep the pipeline's own defaults
+    kwargs = {k: v for k, v in chosen.items() if v is not None}
+    images = pipe(num_images=num_images, seed=options.seed, **kwargs)
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != num_images:
         raise DifforgeError(

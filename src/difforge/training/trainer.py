@@ -343,9 +343,7 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> None:
         """Train until ``total_steps`` (or ``stop_after`` more steps, for tests)."""
         config = self.config
-        if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.run_dir / CONFIG_FILE, self.run_config.to_json().encode())
+        self.write_config()
         batches = self._batches()
         last_step = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         bar = self._progress_bar(last_step)
@@ -497,9 +495,17 @@ class Trainer:
                 tensors[f"scaler/{key}"] = value
         return tensors, {"trainer": encode_json(meta), "format": "difforge-trainer-1"}
 
+    def write_config(self) -> None:
+        """Write the run's config.json (rank 0)."""
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.run_dir / CONFIG_FILE, self.run_config.to_json().encode())
+
     def save_checkpoint(self) -> Path | None:
         if not self.ctx.is_main:
             return None
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            self.write_config()
         weights_meta = {"format": "pt", "library": "difforge", "step": str(self.step)}
         files = {
             "model.safetensors": (self.model.state_dict(), weights_meta),

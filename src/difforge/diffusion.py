@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difforge.errors import DifforgeError
+from difforge.errors import DifforgeError, dataclass_from_mapping
 from difforge.schedule import SCHEDULE_NAMES, NoiseSchedule, RespacingSpec
 
 Prediction = Literal["eps", "x0", "v"]
@@ -136,13 +136,7 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiffusionConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DifforgeError(
-                f"unknown diffusion setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**dict(data))
+        return dataclass_from_mapping(cls, data, "diffusion setting(s)")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from difforge import __version__
 from difforge.diffusion import DiffusionConfig
-from difforge.errors import DifforgeError
+from difforge.errors import DifforgeError, dataclass_from_mapping
 from difforge.nn import UNetConfig
 
 CONFIG_FILE = "config.json"
@@ -114,16 +114,6 @@ class TrainConfig:
             raise DifforgeError(f"--channels must be 1 or 3, got {self.channels}")
 
 
-def _from_mapping(cls: type, data: Mapping[str, Any], what: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise DifforgeError(
-            f"{what} has unknown field(s) {', '.join(unknown)} (written by another difforge version?)"
-        )
-    return cls(**dict(data))
-
-
 @dataclass
 class DataInfo:
     """What the model was trained on (for sampling by class name and for provenance)."""
@@ -170,8 +160,8 @@ class RunConfig:
             return cls(
                 model=UNetConfig.from_dict(data["model"]),
                 diffusion=DiffusionConfig.from_dict(data["diffusion"]),
-                train=_from_mapping(TrainConfig, data["train"], f"{source} 'train'"),
-                data=_from_mapping(DataInfo, data["data"], f"{source} 'data'"),
+                train=dataclass_from_mapping(TrainConfig, data["train"], "'train' field(s)"),
+                data=dataclass_from_mapping(DataInfo, data["data"], "'data' field(s)"),
                 difforge_version=str(data.get("difforge_version", "")),
             )
         except DifforgeError as error:

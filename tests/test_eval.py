@@ -21,6 +21,7 @@ from difforge.evaluation import (
     add_eval_parser,
     compare_stats,
     frechet_distance,
+    frechet_distance_features,
     kernel_inception_distance,
     mean_and_covariance,
     mmd2_unbiased,
@@ -127,6 +128,17 @@ def test_frechet_near_singular_covariances_finite_and_exact(n1: int, n2: int) ->
     got = frechet_distance(mu1, s1, mu2, s2)
     assert np.isfinite(got)
     assert got == pytest.approx(exact_frechet_from_features(x, y), rel=1e-9)
+
+
+@pytest.mark.parametrize(("n1", "n2"), [(5, 7), (30, 20), (50, 80)])
+def test_frechet_features_path_equals_covariance_path(n1: int, n2: int) -> None:
+    """The span-reduced computation (n1 + n2 < d or not) equals the d x d one and the exact."""
+    rng = np.random.default_rng(n2)
+    x = rng.gamma(2.0, size=(n1, 64))
+    y = rng.gamma(2.5, size=(n2, 64))
+    full = frechet_distance(*mean_and_covariance(x), *mean_and_covariance(y))
+    assert frechet_distance_features(x, y) == pytest.approx(full, rel=1e-10)
+    assert frechet_distance_features(x, y) == pytest.approx(exact_frechet_from_features(x, y), rel=1e-9)
 
 
 def test_sqrtm_psd_near_singular_stays_finite() -> None:

@@ -27,6 +27,7 @@ from difforge.evaluation.inception import (
 from difforge.evaluation.metrics import (
     KIDResult,
     frechet_distance,
+    frechet_distance_features,
     kernel_inception_distance,
     mean_and_covariance,
     mmd2_unbiased,
@@ -60,6 +61,7 @@ __all__ = [
     "extract_features",
     "find_inception_weights",
     "frechet_distance",
+    "frechet_distance_features",
     "kernel_inception_distance",
     "mean_and_covariance",
     "mmd2_unbiased",

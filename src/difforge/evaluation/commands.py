@@ -27,6 +27,7 @@ from difforge.evaluation.inception import InceptionFeatureExtractor
 from difforge.evaluation.metrics import (
     KIDResult,
     frechet_distance,
+    frechet_distance_features,
     kernel_inception_distance,
     precision_recall,
 )
@@ -197,7 +198,12 @@ def compare_stats(
     kid_subset_size: int = 1000,
     pr: bool = False,
 ) -> FIDResult:
-    """FID (and optionally KID, precision/recall) between two compatible statistics."""
+    """FID (and optionally KID, precision/recall) between two compatible statistics.
+
+    When both carry features and have fewer images together than feature dimensions, the
+    distance is computed in the features' span (`frechet_distance_features`), otherwise
+    from mean and covariance (`frechet_distance`); both are exact.
+    """
     a.check_compatible(b)
     kid_result = None
     precision = recall = None
@@ -213,8 +219,12 @@ def compare_stats(
             kid_result = kernel_inception_distance(a.features, b.features, kid_subsets, kid_subset_size)
         if pr:
             precision, recall = precision_recall(a.features, b.features)
+    if a.features is not None and b.features is not None and a.count + b.count < a.mu.shape[0]:
+        fid = frechet_distance_features(a.features, b.features)  # same value, much cheaper
+    else:
+        fid = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
     return FIDResult(
-        fid=frechet_distance(a.mu, a.sigma, b.mu, b.sigma),
+        fid=fid,
         count_a=a.count,
         count_b=b.count,
         source_a=a.source,

@@ -47,15 +47,21 @@ MIN_SAMPLES = 2
 """Fewest feature vectors a (non-degenerate, unbiased) covariance can be estimated from."""
 
 
+def _check_samples(features: np.ndarray) -> np.ndarray:
+    """Features as float64 (n, d); `DifforgeError` with the minimum when n < `MIN_SAMPLES`."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < MIN_SAMPLES:
+        n = x.shape[0] if x.ndim == 2 else 0
+        raise DifforgeError(f"a covariance needs at least {MIN_SAMPLES} images, got {n}")
+    return x
+
+
 def mean_and_covariance(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (d,) and unbiased covariance (d, d), both float64, of features (n, d).
 
     Raises `DifforgeError` when ``n < MIN_SAMPLES``.
     """
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < MIN_SAMPLES:
-        n = x.shape[0] if x.ndim == 2 else 0
-        raise DifforgeError(f"a covariance needs at least {MIN_SAMPLES} images, got {n}")
+    x = _check_samples(features)
     mu = x.mean(axis=0)
     xc = x - mu
     sigma = (xc.T @ xc) / (x.shape[0] - 1)
@@ -115,8 +121,36 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"feature statistics do not match: means {mu1.shape} vs {mu2.shape}, "
             f"covariances {sigma1.shape} vs {sigma2.shape}"
         )
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
+    return _frechet(mu1 - mu2, sigma1, sigma2)
+
+
+def _frechet(diff: np.ndarray, sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``|diff|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``."""
+    trace_sqrt = trace_sqrt_product(sigma1, sigma2)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
+def frechet_distance_features(x: np.ndarray, y: np.ndarray) -> float:
+    """`frechet_distance` of the Gaussians fitted to features x (n1, d) and y (n2, d), exactly,
+    in the ``r <= n1 + n2`` dimensional span of the centred features.
+
+    Both covariances live in ``span(Q)``, ``Q`` (d, r) an orthonormal basis of the rows of
+    the centred ``[Xc; Yc]`` (thin QR), so with coordinates ``A = Xc Q``, ``B = Yc Q``:
+    ``S1 = Q (A^T A / (n1 - 1)) Q^T``, likewise ``S2``, and every term of the distance is the
+    same for the r x r matrices (traces and eigenvalues are invariant under ``Q``). Costs
+    O(d r^2) instead of a d x d eigendecomposition: the fast path when ``n1 + n2 < d``.
+    """
+    x = _check_samples(x)
+    y = _check_samples(y)
+    if x.shape[1] != y.shape[1]:
+        raise DifforgeError(f"feature sizes differ: {x.shape[1]} vs {y.shape[1]}")
+    mu1, mu2 = x.mean(axis=0), y.mean(axis=0)
+    xc, yc = x - mu1, y - mu2
+    q, _ = np.linalg.qr(np.concatenate([xc, yc]).T)  # (d, r), r = min(d, n1 + n2)
+    a, b = xc @ q, yc @ q
+    s1 = a.T @ a / (x.shape[0] - 1)
+    s2 = b.T @ b / (y.shape[0] - 1)
+    return _frechet(mu1 - mu2, s1, s2)
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:

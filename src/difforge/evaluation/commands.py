@@ -50,7 +50,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, run_sampling: bool = True) -> None:
     parser.add_argument(
         "-n",
         "--num-images",
@@ -77,6 +77,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--no-cache", action="store_true", help="do not reuse or write cached statistics of folders/built-ins"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if not run_sampling:
+        return
     run = parser.add_argument_group("sampling a run")
     run.add_argument("--sampler", default=None, help="sampler name (pipeline default if unset)")
     run.add_argument("--steps", type=_positive_int, default=None, help="sampling steps")
@@ -89,7 +91,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate: FID/KID statistics and distances", description=__doc__.split("\n\n")[0]
     )
-    sub = parser.add_subparsers(dest="eval_command", metavar="{stats,fid}", required=True)
+    sub = parser.add_subparsers(dest="eval_command", metavar="{stats,fid,nll,samplers}", required=True)
 
     stats = sub.add_parser("stats", help="Inception feature statistics of a dataset -> .npz")
     stats.add_argument("data", help="folder, built-in dataset or run directory")
@@ -122,6 +124,40 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     fid.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_common(fid)
     fid.set_defaults(func=run_fid)
+
+    nll = sub.add_parser("nll", help="negative log-likelihood (variational bound) in bits/dim")
+    nll.add_argument("run", help="run folder")
+    nll.add_argument("--data", help="images to evaluate: folder or built-in (default: the run's data)")
+    nll.add_argument("-n", "--num-images", type=_positive_int, default=256, help="images (default 256)")
+    nll.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
+    nll.add_argument(
+        "--respace",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="bound of a K-step respaced chain instead: faster, a different (labelled) estimate",
+    )
+    nll.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    nll.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    nll.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights")
+    nll.add_argument("--json", action="store_true", help="print the result as JSON")
+    nll.add_argument("--quiet", action="store_true", help="no progress bar")
+    nll.set_defaults(func=run_nll)
+
+    samplers = sub.add_parser("samplers", help="FID/KID against NFE for several samplers, with grids")
+    samplers.add_argument("run", help="run folder")
+    samplers.add_argument("--ref", required=True, help="reference images: folder, built-in or .npz")
+    samplers.add_argument(
+        "--samplers",
+        default="ddim:50,dpmpp_2m:10,dpmpp_2m:20,heun:10,euler:50",
+        help="comma-separated NAME:STEPS (default: %(default)s)",
+    )
+    samplers.add_argument("--out", help="report folder (default: RUN/sampler_report)")
+    samplers.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (default 1)")
+    samplers.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every sampler")
+    samplers.add_argument("--no-kid", action="store_true", help="skip KID")
+    _add_common(samplers, run_sampling=False)
+    samplers.set_defaults(func=run_samplers)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingOptions:
@@ -254,6 +290,56 @@ def run_fid(args: argparse.Namespace) -> int:
             "between runs with the same numbers of images",
             file=sys.stderr,
         )
+    return 0
+
+
+def run_nll(args: argparse.Namespace) -> int:
+    """``eval nll``: bits/dim of data under a run's model."""
+    from tqdm.auto import tqdm
+
+    from difforge.evaluation.reports import negative_log_likelihood
+    from difforge.pipeline import Pipeline
+
+    pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+    data = args.data or pipe.run_config.data.source or pipe.run_config.train.data
+    bar = None if args.quiet else tqdm(desc="nll", unit="step", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    result = negative_log_likelihood(
+        pipe, data, args.num_images, batch_size=args.batch_size, respace=args.respace, seed=args.seed,
+        progress=progress,
+    )  # fmt: skip
+    if bar is not None:
+        bar.close()
+    print(json.dumps(asdict(result), indent=2) if args.json else result.describe())
+    return 0
+
+
+def run_samplers(args: argparse.Namespace) -> int:
+    """``eval samplers``: the sampler report of a run against reference images."""
+    from difforge.evaluation.reports import parse_sampler_list, sampler_report
+    from difforge.pipeline import Pipeline
+
+    chosen = parse_sampler_list(args.samplers)
+    if args.num_images is None:
+        raise DifforgeError("eval samplers needs -n/--num-images: how many images per sampler")
+    pipe = Pipeline.from_run(args.run, device="cpu" if args.device == "cpu" else "auto")
+    extractor = _LazyExtractor(args)
+    reference = open_input(args.ref, None)
+    reference = _to_stats(reference, args, extractor)
+    out_dir = Path(args.out) if args.out else Path(args.run) / "sampler_report"
+    rows = sampler_report(
+        pipe, reference, chosen, args.num_images, extractor, out_dir, guidance=args.guidance,
+        seed=args.seed, inception_batch_size=args.batch_size, kid=not args.no_kid,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print((out_dir / "report.md").read_text(encoding="utf-8"), end="")
+    print(f"wrote {out_dir}/report.md, report.json, fid_vs_nfe.png and {len(rows)} grids", file=sys.stderr)
     return 0
 
 

@@ -126,7 +126,7 @@ def training_step(model: nn.Module, batch: int, device: torch.device, amp: str) 
     x, t = make_batch(batch, device)
     noise = torch.randn_like(x)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

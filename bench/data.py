@@ -80,8 +80,10 @@ def main() -> None:
             start = time.perf_counter()
             photos = load_dataset(tmp, image_size=64, cache=cache)
             built = time.perf_counter() - start
-            print(f"{count} JPEGs 640x480 -> 64, cache={cache}: load_dataset {built:.2f} s "
-                  f"({count / built:,.0f} files/s)")
+            print(
+                f"{count} JPEGs 640x480 -> 64, cache={cache}: load_dataset {built:.2f} s "
+                f"({count / built:,.0f} files/s)"
+            )
             for workers in (0, 2):
                 rate = images_per_second(photos, batch_size=64, workers=workers, epochs=epochs)
                 print(f"  DataLoader batch 64, {workers} workers: {rate:,.0f} images/s")

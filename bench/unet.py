@@ -206,9 +206,23 @@ def _rss(field: str) -> int:
 
 def peak_memory(args: argparse.Namespace, which: str, preset: str, phase: str, batch: int) -> float:
     cmd = [
-        sys.executable, __file__, "--_memory-worker", "--device", args.device,
-        "--amp", args.amp, "--which", which, "--preset", preset, "--phase", phase,
-        "--batch", str(batch), "--threads", str(args.threads),
+        sys.executable,
+        __file__,
+        "--_memory-worker",
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+        "--which",
+        which,
+        "--preset",
+        preset,
+        "--phase",
+        phase,
+        "--batch",
+        str(batch),
+        "--threads",
+        str(args.threads),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak"]
@@ -285,8 +299,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    p.add_argument("--_memory-worker", dest="memory_worker", action="store_true",
-                   help=argparse.SUPPRESS)
+    p.add_argument("--_memory-worker", dest="memory_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--which", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="small", help=argparse.SUPPRESS)
     p.add_argument("--phase", default="inference", help=argparse.SUPPRESS)

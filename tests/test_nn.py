@@ -187,9 +187,7 @@ def test_ddpm_preset_matches_diffusers_parameter_count() -> None:
             attention_head_dim=None,
             norm_eps=1e-6,
         )
-    assert sum(p.numel() for p in ref.parameters()) == param_count(
-        UNetConfig.preset("ddpm-cifar10")
-    )
+    assert sum(p.numel() for p in ref.parameters()) == param_count(UNetConfig.preset("ddpm-cifar10"))
 
 
 def test_mnist_preset_shape() -> None:
@@ -339,8 +337,9 @@ def test_no_data_dependent_host_sync_in_forward() -> None:
     with torch.device("meta"):
         model = UNet(cfg)
         x = torch.empty(4, 3, 32, 32)
-        out = model(x, torch.empty(4, dtype=torch.long), torch.empty(4, dtype=torch.long),
-                    torch.empty(4, 1, 8, 8))
+        out = model(
+            x, torch.empty(4, dtype=torch.long), torch.empty(4, dtype=torch.long), torch.empty(4, 1, 8, 8)
+        )
     assert out.shape == (4, 6, 32, 32) and out.device.type == "meta"
 
 
@@ -368,9 +367,7 @@ def test_save_and_load_round_trip_bit_exact(tmp_path: Path) -> None:
     loaded = UNet.from_pretrained(tmp_path)
     assert loaded.config == cfg
     assert not loaded.training
-    for (n1, a), (n2, b) in zip(
-        model.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
+    for (n1, a), (n2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(a, b)
     x, t = inputs(cfg)
     with torch.no_grad():

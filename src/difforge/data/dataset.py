@@ -213,8 +213,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def summary(self) -> str:
         """One line: source, count, shape, classes, cache, skipped files (first few names)."""
         what = f"built-in {self.source!r}" if self.kind == "builtin" else repr(self.source)
-        parts = [f"{what}: {len(self)} images of {self.channels}x{self.image_size}x"
-                 f"{self.image_size}"]
+        parts = [f"{what}: {len(self)} images of {self.channels}x{self.image_size}x{self.image_size}"]
         if self.num_classes:
             names = ", ".join(self.class_names[:10])
             more = ", ..." if self.num_classes > 10 else ""
@@ -224,8 +223,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if self.cached:
             parts.append(f"cached in memory ({self.cache_bytes / 2**20:.1f} MiB)")
         if self.skipped:
-            parts.append(f"{len(self.skipped)} unreadable files skipped: "
-                         f"{_format_skipped(self.skipped)}")
+            parts.append(f"{len(self.skipped)} unreadable files skipped: {_format_skipped(self.skipped)}")
         return "; ".join(parts)
 
     def __repr__(self) -> str:
@@ -304,8 +302,7 @@ def _from_folder(
             f"(e.g. {_format_skipped(skipped[:1])})"
         )
     if channels is None:
-        grey = all(_is_grey(r) if isinstance(r, np.ndarray) else r for r in
-                   (results[i] for i in good))
+        grey = all(_is_grey(r) if isinstance(r, np.ndarray) else r for r in (results[i] for i in good))
         channels = 1 if grey else 3
     pre = _Preprocess(image_size, channels, random_crop, hflip)
 
@@ -318,13 +315,15 @@ def _from_folder(
             pixels = arrays if cache or total <= CACHE_LIMIT_BYTES else None
         else:
             pixels = np.stack(arrays)
-    fingerprint = _hash({
-        "v": _FINGERPRINT_VERSION,
-        "kind": "folder",
-        "files": sources,
-        "class_folders": class_folders,
-        "settings": [image_size, channels, random_crop, hflip],
-    })
+    fingerprint = _hash(
+        {
+            "v": _FINGERPRINT_VERSION,
+            "kind": "folder",
+            "files": sources,
+            "class_folders": class_folders,
+            "settings": [image_size, channels, random_crop, hflip],
+        }
+    )
     dataset = ImageDataset(
         source=str(root),
         kind="folder",
@@ -339,7 +338,10 @@ def _from_folder(
     if skipped:
         logger.warning(
             "skipped %d of %d image files in %r that cannot be decoded: %s",
-            len(skipped), len(files), str(root), _format_skipped(skipped),
+            len(skipped),
+            len(files),
+            str(root),
+            _format_skipped(skipped),
         )
     return dataset
 
@@ -359,13 +361,15 @@ def _from_builtin(
             img = img.convert(pre.mode) if img.mode != pre.mode else img
             converted.append(center_crop(pre.prepare(img), image_size))
         images = np.stack(converted)
-    fingerprint = _hash({
-        "v": _FINGERPRINT_VERSION,
-        "kind": "builtin",
-        "name": name,
-        "hash": data.source_hash,
-        "settings": [image_size, channels, random_crop, hflip],
-    })
+    fingerprint = _hash(
+        {
+            "v": _FINGERPRINT_VERSION,
+            "kind": "builtin",
+            "name": name,
+            "hash": data.source_hash,
+            "settings": [image_size, channels, random_crop, hflip],
+        }
+    )
     return ImageDataset(
         source=name,
         kind="builtin",
@@ -431,6 +435,4 @@ def load_dataset(
     valid = ", ".join(BUILTIN_DATASETS)
     if os.sep in text or "/" in text or text.startswith((".", "~")):
         raise DifforgeError(f"data folder {text!r} does not exist")
-    raise DifforgeError(
-        f"{text!r} is neither an existing folder nor a built-in dataset (built-ins: {valid})"
-    )
+    raise DifforgeError(f"{text!r} is neither an existing folder nor a built-in dataset (built-ins: {valid})")

@@ -110,9 +110,7 @@ class UNetConfig:
         for name in _TUPLE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str):
-                raise DifforgeError(
-                    f"UNetConfig.{name} must be a sequence, got the string {value!r}"
-                )
+                raise DifforgeError(f"UNetConfig.{name} must be a sequence, got the string {value!r}")
             if value is not None:
                 setattr(self, name, tuple(value))
         self.validate()
@@ -172,13 +170,10 @@ class UNetConfig:
         if self.time_embed_dim is not None:
             _positive_int(self, "time_embed_dim")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise DifforgeError(
-                f"UNetConfig.num_classes must be an int >= 0, got {self.num_classes!r}"
-            )
+            raise DifforgeError(f"UNetConfig.num_classes must be an int >= 0, got {self.num_classes!r}")
         if not isinstance(self.image_cond_channels, int) or self.image_cond_channels < 0:
             raise DifforgeError(
-                "UNetConfig.image_cond_channels must be an int >= 0, "
-                f"got {self.image_cond_channels!r}"
+                f"UNetConfig.image_cond_channels must be an int >= 0, got {self.image_cond_channels!r}"
             )
         if self.multi_label and self.num_classes == 0:
             raise DifforgeError("UNetConfig.multi_label needs num_classes > 0")
@@ -188,15 +183,10 @@ class UNetConfig:
             raise DifforgeError(f"UNetConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         if self.resample not in RESAMPLE_KINDS:
             raise DifforgeError(
-                f"UNetConfig.resample must be one of {', '.join(RESAMPLE_KINDS)}, "
-                f"got {self.resample!r}"
+                f"UNetConfig.resample must be one of {', '.join(RESAMPLE_KINDS)}, got {self.resample!r}"
             )
-        if not self.channel_mult or any(
-            not isinstance(m, int) or m <= 0 for m in self.channel_mult
-        ):
-            raise DifforgeError(
-                f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult!r}"
-            )
+        if not self.channel_mult or any(not isinstance(m, int) or m <= 0 for m in self.channel_mult):
+            raise DifforgeError(f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult!r}")
         downsamplings = self.num_levels - 1
         if self.image_size % (2**downsamplings) != 0:
             raise DifforgeError(
@@ -287,9 +277,7 @@ class UNetConfig:
         at the same depth (``mnist`` at 28x28 attends at 7x7, ``ddpm-cifar10`` at 64x64 at 32).
         """
         if name not in PRESETS:
-            raise DifforgeError(
-                f"unknown UNet preset {name!r}; valid presets: {', '.join(PRESETS)}"
-            )
+            raise DifforgeError(f"unknown UNet preset {name!r}; valid presets: {', '.join(PRESETS)}")
         base = dict(PRESETS[name])
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in overrides:
@@ -309,17 +297,14 @@ class UNetConfig:
 
 def _parse_recipe(text: str, name: str) -> tuple[str, ...]:
     if not isinstance(text, str):
-        raise DifforgeError(
-            f"UNetConfig.{name} recipes must be strings like 'res,attn', got {text!r}"
-        )
+        raise DifforgeError(f"UNetConfig.{name} recipes must be strings like 'res,attn', got {text!r}")
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
     if not kinds:
         raise DifforgeError(f"UNetConfig.{name} has an empty recipe")
     for kind in kinds:
         if kind not in BLOCK_KINDS:
             raise DifforgeError(
-                f"UNetConfig.{name} has unknown block kind {kind!r}; valid kinds: "
-                f"{', '.join(BLOCK_KINDS)}"
+                f"UNetConfig.{name} has unknown block kind {kind!r}; valid kinds: {', '.join(BLOCK_KINDS)}"
             )
     if not CONV_KINDS.intersection(kinds) and name == "mid_blocks":
         raise DifforgeError("UNetConfig.mid_blocks needs at least one 'res' or 'convnext' block")

@@ -160,9 +160,7 @@ class ResBlock(nn.Module):
         if cfg.zero_init:
             _zero_(self.conv2)
         self.skip: nn.Module = (
-            nn.Identity()
-            if in_channels == out_channels
-            else nn.Conv2d(in_channels, out_channels, 1)
+            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor, emb: Tensor, cls_emb: Tensor | None = None) -> Tensor:
@@ -213,9 +211,7 @@ class ConvNeXtBlock(nn.Module):
         if cfg.zero_init:
             _zero_(self.pw2)
         self.skip: nn.Module = (
-            nn.Identity()
-            if in_channels == out_channels
-            else nn.Conv2d(in_channels, out_channels, 1)
+            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor, emb: Tensor, cls_emb: Tensor | None = None) -> Tensor:

@@ -86,9 +86,7 @@ class UNet(nn.Module):
         ch = cfg.base_channels
 
         self.time_embed = SinusoidalEmbedding(ch)
-        self.time_mlp = nn.Sequential(
-            nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed: nn.Module | None = None
         if cfg.num_classes > 0:
             if cfg.multi_label:
@@ -147,9 +145,7 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     # ------------------------------------------------------------------ forward
-    def _embed(
-        self, t: Tensor, class_labels: Tensor | None, batch: int
-    ) -> tuple[Tensor, Tensor | None]:
+    def _embed(self, t: Tensor, class_labels: Tensor | None, batch: int) -> tuple[Tensor, Tensor | None]:
         """Timestep (+ class) embedding: returns (SiLU(emb), class embedding or None), (B, E)."""
         if t.ndim == 0:
             t = t.expand(batch)
@@ -160,9 +156,7 @@ class UNet(nn.Module):
                 if self.config.multi_label:
                     class_labels = emb.new_zeros(batch, self.config.num_classes)
                 else:
-                    class_labels = torch.full(
-                        (batch,), self.null_label, dtype=torch.long, device=emb.device
-                    )
+                    class_labels = torch.full((batch,), self.null_label, dtype=torch.long, device=emb.device)
             if self.config.multi_label:
                 cls_emb = self.class_embed(class_labels.to(emb.dtype))
             else:
@@ -191,9 +185,7 @@ class UNet(nn.Module):
 
         if cfg.image_cond_channels:
             if image_cond is None:
-                raise DifforgeError(
-                    f"this UNet needs image_cond with {cfg.image_cond_channels} channels"
-                )
+                raise DifforgeError(f"this UNet needs image_cond with {cfg.image_cond_channels} channels")
             if image_cond.shape[-2:] != (height, width):
                 shrink = image_cond.shape[-2] > height or image_cond.shape[-1] > width
                 image_cond = F.interpolate(
@@ -244,9 +236,7 @@ class UNet(nn.Module):
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         for p in (config_path, weights_path):
             if not p.is_file():
-                raise DifforgeError(
-                    f"{p}: not found; expected a directory written by save_pretrained"
-                )
+                raise DifforgeError(f"{p}: not found; expected a directory written by save_pretrained")
         try:
             config = UNetConfig.from_dict(json.loads(config_path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
@@ -269,9 +259,7 @@ class UNet(nn.Module):
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
-            raise DifforgeError(
-                f"{weights_path}: weights do not match config.json ({exc})"
-            ) from exc
+            raise DifforgeError(f"{weights_path}: weights do not match config.json ({exc})") from exc
         model._rebuild_buffers(torch.device(device))
         if config.channels_last:
             model.to(memory_format=torch.channels_last)

@@ -62,3 +62,11 @@ def assert_rel() -> Callable[..., None]:
         assert error <= tol, f"{what}: relative error {error:.3e} > {tol:.1e}"
 
     return check
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202 - a generator fixture
+    """Keep every test's cached statistics out of the user's ~/.cache/difforge."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFORGE_CACHE", str(tmp_path_factory.mktemp("difforge-cache")))
+        yield

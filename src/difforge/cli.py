@@ -428,3 +428,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full disk, a read-only folder: the system's word, on one line
+        print(f"difforge: error: {error}", file=sys.stderr)
+        return 1

@@ -174,7 +174,8 @@ class RunConfig:
         """Read ``RUN/config.json``; a missing, unreadable or malformed file is a DifforgeError."""
         path = Path(run_dir) / CONFIG_FILE
         if not Path(run_dir).is_dir():
-            raise DifforgeError(f"run folder {str(run_dir)!r} does not exist")
+            problem = "is not a folder" if Path(run_dir).exists() else "does not exist"
+            raise DifforgeError(f"run folder {str(run_dir)!r} {problem}")
         if not path.is_file():
             raise DifforgeError(f"{path} is missing: is {str(run_dir)!r} a difforge run folder?")
         try:

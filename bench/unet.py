@@ -12,7 +12,9 @@ config; ours ``small`` vs the same config at (64, 128, 128, 128) channels) it re
 
 The two models are timed alternately (A B A B ...) so that load from other processes hits
 both alike; medians and the ratio ours/diffusers are printed. Our models are built with
-dropout 0 to match the diffusers config (which has none).
+dropout 0 to match the diffusers config (which has none). On the CPU a third model,
+``ours-eager``, is ours with the fused GroupNorm kernel switched off (same weights), to show
+what the kernel contributes.
 
     python bench/unet.py --quick                  # ~4 min on a 2-core CPU
     python bench/unet.py --device cuda --amp bf16 # on a GPU, bf16 autocast for both
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from difforge.nn import UNet, UNetConfig  # noqa: E402
+from difforge.nn import UNet, UNetConfig, cpu_kernels  # noqa: E402
 
 PAIRS: dict[str, tuple[int, ...]] = {
     "ddpm-cifar10": (128, 256, 256, 256),
@@ -85,7 +87,7 @@ class DiffusersWrapper(nn.Module):
 def build(which: str, preset: str, device: torch.device) -> nn.Module:
     if device.type != "meta":
         torch.manual_seed(0)
-    if which == "ours":
+    if which.startswith("ours"):
         model: nn.Module = UNet(UNetConfig.preset(preset, dropout=0.0))
     else:
         model = DiffusersWrapper(build_diffusers(PAIRS[preset]))
@@ -136,6 +138,19 @@ def training_step(model: nn.Module, batch: int, device: torch.device, amp: str) 
         opt.step()
 
     return step
+
+
+def kernels(which: str, step: Callable[[], None]) -> Callable[[], None]:
+    """Run ``step`` with our fused CPU kernel on, or off for the ``ours-eager`` ablation."""
+
+    def run() -> None:
+        previous = cpu_kernels.set_enabled(which != "ours-eager")
+        try:
+            step()
+        finally:
+            cpu_kernels.set_enabled(previous)
+
+    return run
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:
@@ -189,7 +204,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     model = build(args.which, args.preset, device)
     make = inference_step if args.phase == "inference" else training_step
-    step = make(model, args.batch, device, args.amp)
+    step = kernels(args.which, make(model, args.batch, device, args.amp))
     for _ in range(2):
         step()
     sync(device)
@@ -230,7 +245,10 @@ def peak_memory(args: argparse.Namespace, which: str, preset: str, phase: str, b
 
 def compare(args: argparse.Namespace, preset: str, peak: float) -> list[dict[str, Any]]:
     device = torch.device(args.device)
-    models = {which: build(which, preset, device) for which in ("ours", "diffusers")}
+    names = ["ours", "diffusers"]
+    if device.type == "cpu" and cpu_kernels.library() is not None and not args.no_ablation:
+        names.insert(1, "ours-eager")
+    models = {which: build(which, preset, device) for which in names}
     n_params = {w: sum(p.numel() for p in m.parameters()) for w, m in models.items()}
     flops = {w: flops_per_image(w, preset) for w in models}
     batches = {"inference": args.infer_batch, "training": args.train_batch}
@@ -240,7 +258,7 @@ def compare(args: argparse.Namespace, preset: str, peak: float) -> list[dict[str
         times: dict[str, list[float]] = {w: [] for w in models}
         if not args.memory_only:
             make = inference_step if phase == "inference" else training_step
-            steps = {w: make(m, batch, device, args.amp) for w, m in models.items()}
+            steps = {w: kernels(w, make(m, batch, device, args.amp)) for w, m in models.items()}
             for _ in range(args.warmup):
                 for step in steps.values():
                     step()
@@ -272,15 +290,16 @@ def compare(args: argparse.Namespace, preset: str, peak: float) -> list[dict[str
                     "peak_mem_mib": mem.get(w, float("nan")) / 2**20,
                 }
             )
-        ours, theirs = rows[-2], rows[-1]
-        ours["ratio"] = ours["images_per_s"] / theirs["images_per_s"]
-        ours["mem_ratio"] = ours["peak_mem_mib"] / theirs["peak_mem_mib"]
-        print(
-            f"{preset:13s} {phase:9s} ours {ours['images_per_s']:7.2f} img/s  diffusers "
-            f"{theirs['images_per_s']:7.2f} img/s  ratio {ours['ratio']:.2f}x  "
-            f"mem {ours['peak_mem_mib']:.0f} vs {theirs['peak_mem_mib']:.0f} MiB",
-            flush=True,
-        )
+        theirs = rows[-1]
+        for ours in rows[-len(models) : -1]:
+            ours["ratio"] = ours["images_per_s"] / theirs["images_per_s"]
+            ours["mem_ratio"] = ours["peak_mem_mib"] / theirs["peak_mem_mib"]
+            print(
+                f"{preset:13s} {phase:9s} {ours['model']} {ours['images_per_s']:7.2f} img/s  diffusers "
+                f"{theirs['images_per_s']:7.2f} img/s  ratio {ours['ratio']:.2f}x  "
+                f"mem {ours['peak_mem_mib']:.0f} vs {theirs['peak_mem_mib']:.0f} MiB",
+                flush=True,
+            )
     return rows
 
 
@@ -297,6 +316,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument(
+        "--no-ablation", action="store_true", help="skip 'ours-eager' (ours without the fused CPU kernel)"
+    )
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--_memory-worker", dest="memory_worker", action="store_true", help=argparse.SUPPRESS)

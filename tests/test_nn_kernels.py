@@ -55,7 +55,7 @@ CASES = [
     # batch, channels, side, groups
     (4, 64, 8, 32),
     (2, 16, 5, 4),  # odd side
-    (3, 8, 1, 4),  # one pixel per channel
+    (3, 16, 1, 8),  # one pixel per channel
     (1, 256, 4, 32),  # batch of one
     (5, 32, 7, 1),  # one group (ConvNeXt's norm)
 ]

@@ -18,7 +18,8 @@ along the channels (see docs/benchmarks.md for the effect on a training step).
 The kernel is compiled on first use with the system C compiler (``$CC`` or ``cc``, about a
 second) into ``$DIFFORGE_CACHE/kernels/``, keyed by the source, the compiler and this CPU.
 Where it cannot be used, everything runs the same maths in eager PyTorch: other devices or
-dtypes, NCHW input, channel counts not a multiple of 8, under ``torch.compile``, no
+dtypes, NCHW input, channel counts not a multiple of the vector width (16 with AVX-512,
+else 8), under ``torch.compile``, no
 compiler, or ``DIFFORGE_CPU_KERNELS=0``.
 """
 
@@ -47,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "group_norm_act.c"
 ENV_SWITCH = "DIFFORGE_CPU_KERNELS"
-VECTOR_WIDTH = 8
-"""The kernel processes channels 8 at a time; other channel counts take the eager path."""
 
 _enabled = os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -94,7 +93,8 @@ def _build(target: Path, compiler: list[str]) -> bool:
         # Preferred: native instructions and OpenMP (which binds to the libgomp PyTorch loaded);
         # then without each, for compilers that lack them (Apple clang has no -fopenmp).
         for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
-            command = [*compiler, "-O3", *extra, "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", tmp, "-lm"]
+            flags = ["-O3", *extra, "-fPIC", "-shared", "-pthread"]
+            command = [*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
             if result.returncode == 0:
                 os.replace(tmp, target)
@@ -115,7 +115,16 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.difforge_gn_act_forward.restype = i32
     lib.difforge_gn_act_backward.argtypes = [ptr] * 11 + [long] * 4 + [i32, i32]
     lib.difforge_gn_act_backward.restype = i32
+    lib.difforge_gn_act_width.argtypes = []
+    lib.difforge_gn_act_width.restype = i32
     return lib
+
+
+def vector_width() -> int:
+    """Channels the kernel processes at once (16 with AVX-512, else 8); the channel count must
+    be a multiple of it, other counts take the eager path. 0 when there is no kernel."""
+    lib = library()
+    return 0 if lib is None else int(lib.difforge_gn_act_width())
 
 
 @cache
@@ -194,13 +203,14 @@ class _FusedGroupNormAct(torch.autograd.Function):
 def _fusable(x: Tensor, *vectors: Tensor | None) -> bool:
     if not (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4):
         return False
-    if x.shape[1] % VECTOR_WIDTH or x.numel() == 0 or not x.is_contiguous(memory_format=torch.channels_last):
+    if x.numel() == 0 or not x.is_contiguous(memory_format=torch.channels_last):
         return False
     if any(v is not None and (v.device.type != "cpu" or v.dtype != torch.float32) for v in vectors):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
-    return library() is not None
+    width = vector_width()
+    return width > 0 and x.shape[1] % width == 0
 
 
 def group_norm_act(

@@ -21,43 +21,50 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* 8-float vectors (GCC/Clang vector extensions): AVX2 registers, or halves of AVX-512 ones. */
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+/* W-float vectors (GCC/Clang vector extensions): 16 lanes where AVX-512 is enabled, else 8
+ * (AVX2 registers, or pairs of SSE/NEON ones). Channel counts must be a multiple of W. */
+#if defined(__AVX512F__)
+#define W 16
+#else
 #define W 8
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
 /* Rows per float partial sum before it is added into the double accumulators. */
 #define BLOCK 64
 
-static inline v8f load8(const float *p) {
-    v8f v;
+static inline vf load(const float *p) {
+    vf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+static inline vf splat(float x) { return (vf){0} + x; }
 
 /* exp(x), vectorised: Cody-Waite reduction x = n ln2 + r and the Cephes polynomial for e^r. */
-static inline v8f exp8(v8f x) {
-    v8i hi = (v8i)(x > splat(88.0f)), lo = (v8i)(x < splat(-87.0f));
-    x = (v8f)(((v8i)x & ~hi & ~lo) | ((v8i)splat(88.0f) & hi) | ((v8i)splat(-87.0f) & lo));
-    v8f t = x * 1.44269504088896341f + 0.5f;
-    v8i n = __builtin_convertvector(t, v8i);      /* truncation ... */
-    n += (v8i)(__builtin_convertvector(n, v8f) > t); /* ... corrected to floor (true = -1) */
-    v8f nf = __builtin_convertvector(n, v8f);
-    v8f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    v8f p = splat(1.9875691500e-4f);
+static inline vf vexp(vf x) {
+    vi hi = (vi)(x > splat(88.0f)), lo = (vi)(x < splat(-87.0f));
+    x = (vf)(((vi)x & ~hi & ~lo) | ((vi)splat(88.0f) & hi) | ((vi)splat(-87.0f) & lo));
+    vf t = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(t, vi);      /* truncation ... */
+    n += (vi)(__builtin_convertvector(n, vf) > t); /* ... corrected to floor (true = -1) */
+    vf nf = __builtin_convertvector(n, vf);
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    return p * (v8f)((n + 127) << 23);
+    return p * (vf)((n + 127) << 23);
 }
 
-static inline v8f sigmoid8(v8f z) { return 1.0f / (1.0f + exp8(-z)); }
+static inline vf vsigmoid(vf z) { return 1.0f / (1.0f + vexp(-z)); }
+
+int difforge_gn_act_width(void) { return W; }
 
 typedef struct {
     long B, HW, C, G;
@@ -104,9 +111,9 @@ static void *forward_worker(void *arg) {
         for (long i = 0; i < HW; i++) {
             const float *row = x + i * C;
             for (long c = 0; c < C; c += W) {
-                v8f d = load8(row + c) - load8(k + c);
-                store8(part + c, load8(part + c) + d);
-                store8(part + C + c, load8(part + C + c) + d * d);
+                vf d = load(row + c) - load(k + c);
+                store(part + c, load(part + c) + d);
+                store(part + C + c, load(part + C + c) + d * d);
             }
             if ((i + 1) % BLOCK == 0 || i + 1 == HW) flush(acc, part, 2 * C);
         }
@@ -134,8 +141,8 @@ static void *forward_worker(void *arg) {
             const float *xr = x + i * C;
             float *yr = y + i * C;
             for (long c = 0; c < C; c += W) {
-                v8f z = load8(xr + c) * load8(A + c) + load8(Bv + c);
-                store8(yr + c, j->act ? z * sigmoid8(z) : z);
+                vf z = load(xr + c) * load(A + c) + load(Bv + c);
+                store(yr + c, j->act ? z * vsigmoid(z) : z);
             }
         }
     }
@@ -178,16 +185,16 @@ static void *backward_worker(void *arg) {
             const float *xr = x + i * C, *gi = gr + i * C;
             float *dr = dx + i * C;
             for (long c = 0; c < C; c += W) {
-                v8f xv = load8(xr + c), dz = load8(gi + c);
+                vf xv = load(xr + c), dz = load(gi + c);
                 if (j->act) {
-                    v8f z = xv * load8(A + c) + load8(Bv + c), sig = sigmoid8(z);
+                    vf z = xv * load(A + c) + load(Bv + c), sig = vsigmoid(z);
                     dz *= sig * (1.0f + z * (1.0f - sig));
                 }
-                v8f xc = xv - load8(K + c);
-                store8(dr + c, dz);
-                store8(part + c, load8(part + c) + dz);
-                store8(part + C + c, load8(part + C + c) + dz * xc);
-                store8(part + 2 * C + c, load8(part + 2 * C + c) + xc);
+                vf xc = xv - load(K + c);
+                store(dr + c, dz);
+                store(part + c, load(part + c) + dz);
+                store(part + C + c, load(part + C + c) + dz * xc);
+                store(part + 2 * C + c, load(part + 2 * C + c) + xc);
             }
             if ((i + 1) % BLOCK == 0 || i + 1 == HW) flush(acc, part, 3 * C);
         }
@@ -214,7 +221,7 @@ static void *backward_worker(void *arg) {
             const float *xr = x + i * C;
             float *dr = dx + i * C;
             for (long c = 0; c < C; c += W)
-                store8(dr + c, load8(dr + c) * load8(P + c) + load8(xr + c) * load8(Q + c) + load8(R + c));
+                store(dr + c, load(dr + c) * load(P + c) + load(xr + c) * load(Q + c) + load(R + c));
         }
     }
     free(acc);

@@ -186,6 +186,20 @@ def test_failing_compiler_falls_back(tmp_path, monkeypatch):
         cpu_kernels.library.cache_clear()
 
 
+def test_unwritable_cache_falls_back(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the cache directory cannot be created under a file")
+    monkeypatch.setenv("DIFFORGE_CACHE", str(blocker / "cache"))
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is None
+        x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
+        norm = nn.GroupNorm(4, 16)
+        torch.testing.assert_close(group_norm_act(x, norm).double(), reference(x, norm), rtol=1e-5, atol=1e-6)
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
 @pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler")
 def test_damaged_cached_library_is_rebuilt(tmp_path):
     """A truncated or garbage .so in the cache is rebuilt by the next process that needs it.

@@ -85,10 +85,15 @@ def _compiler() -> list[str] | None:
 
 
 def _build(target: Path, compiler: list[str]) -> bool:
-    """Compile SOURCE into ``target`` atomically (temp file + rename); False on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    """Compile SOURCE into ``target`` atomically (temp file + rename); False on failure
+    (including a cache directory that cannot be written)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        logger.debug("cannot write the kernel cache %s: %s", target.parent, exc)
+        return False
     try:
         # Preferred: native instructions and OpenMP (which binds to the libgomp PyTorch loaded);
         # then without each, for compilers that lack them (Apple clang has no -fopenmp).

@@ -122,6 +122,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.difforge_gn_act_backward.restype = i32
     lib.difforge_gn_act_width.argtypes = []
     lib.difforge_gn_act_width.restype = i32
+    lib.vector_width = int(lib.difforge_gn_act_width())
     return lib
 
 
@@ -129,7 +130,7 @@ def vector_width() -> int:
     """Channels the kernel processes at once (16 with AVX-512, else 8); the channel count must
     be a multiple of it, other counts take the eager path. 0 when there is no kernel."""
     lib = library()
-    return 0 if lib is None else int(lib.difforge_gn_act_width())
+    return 0 if lib is None else lib.vector_width
 
 
 @cache
@@ -239,32 +240,34 @@ def group_norm_act(
     Returns:
         (B, C, H, W), channels_last when x is. SiLU runs in place when no graph is recorded.
     """
-    batch, channels = x.shape[:2]
-    weight, bias = norm.weight, norm.bias
-    if _fusable(x, pre, scale, shift, weight, bias):
-        one = x.new_ones(channels)
-        a = (weight if weight is not None else one).expand(batch, channels)
-        s = (bias if bias is not None else torch.zeros_like(one)).expand(batch, channels)
-        if scale is not None:
-            s, a = s * (1.0 + scale), a * (1.0 + scale)
-        if shift is not None:
-            s = s + shift
+    if _fusable(x, pre, scale, shift, norm.weight, norm.bias):
+        a, s = (t.contiguous() for t in _modulation(norm, x, scale, shift))
         pre = None if pre is None else pre.contiguous()
-        a, s = a.contiguous(), s.contiguous()
         return _FusedGroupNormAct.apply(x, pre, a, s, norm.num_groups, norm.eps, silu)
 
     if pre is not None:
         x = x + pre[:, :, None, None].to(x.dtype)
     if scale is None and shift is None:
-        h = F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+        h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     else:
         h = F.group_norm(x, norm.num_groups, None, None, norm.eps)
-        a = weight[:, None, None].to(h.dtype) if weight is not None else h.new_ones(channels, 1, 1)
-        s = bias[:, None, None].to(h.dtype) if bias is not None else h.new_zeros(channels, 1, 1)
-        if scale is not None:
-            gain = scale[:, :, None, None].to(h.dtype) + 1.0
-            a, s = a * gain, s * gain
-        if shift is not None:
-            s = s + shift[:, :, None, None].to(h.dtype)
-        h = torch.addcmul(s, h, a)
+        a, s = _modulation(norm, h, scale, shift)
+        h = torch.addcmul(s[:, :, None, None], h, a[:, :, None, None])
     return F.silu(h, inplace=not torch.is_grad_enabled()) if silu else h
+
+
+def _modulation(
+    norm: nn.GroupNorm, like: Tensor, scale: Tensor | None, shift: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(B, C) ``a``, ``s`` with ``GN_affine(v) * (1 + scale) + shift = GN(v) * a + s``:
+    a = weight (1 + scale), s = bias (1 + scale) + shift, in ``like``'s dtype."""
+    batch, channels = like.shape[:2]
+    a = like.new_ones(channels) if norm.weight is None else norm.weight.to(like.dtype)
+    s = like.new_zeros(channels) if norm.bias is None else norm.bias.to(like.dtype)
+    a, s = a.expand(batch, channels), s.expand(batch, channels)
+    if scale is not None:
+        gain = 1.0 + scale.to(like.dtype)
+        a, s = a * gain, s * gain
+    if shift is not None:
+        s = s + shift.to(like.dtype)
+    return a, s

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -149,15 +150,20 @@ def test_missing_or_unexpected_conditioning_is_an_error() -> None:
         UNet(tiny())(x, t, torch.tensor([0, 1]))
 
 
-def test_everything_at_once() -> None:
-    cfg = tiny(
+def everything(**overrides: Any) -> UNetConfig:
+    """tiny with every block kind, class and image conditioning, learned sigma, resblock resampling."""
+    return tiny(
         blocks=("res,linear_attn,chn_attn", "convnext,cls_attn", "res,attn"),
         num_classes=3,
         image_cond_channels=1,
         learn_sigma=True,
         resample="resblock",
-        dropout=0.1,
+        **overrides,
     )
+
+
+def test_everything_at_once() -> None:
+    cfg = everything(dropout=0.1)
     model = UNet(cfg)
     x, t = inputs(cfg)
     out = model(x, t, torch.tensor([0, 3]), torch.randn(B, 1, 16, 16))
@@ -288,13 +294,7 @@ def test_fresh_model_predicts_zero() -> None:
 
 
 def test_gradients_reach_every_parameter() -> None:
-    cfg = tiny(
-        blocks=("res,linear_attn,chn_attn", "convnext,cls_attn", "res,attn"),
-        num_classes=3,
-        image_cond_channels=1,
-        learn_sigma=True,
-        resample="resblock",
-    )
+    cfg = everything()
     model = randomized(UNet(cfg))
     x, t = inputs(cfg)
     out = model(x, t, torch.tensor([0, 2]), torch.randn(B, 1, 32, 32))

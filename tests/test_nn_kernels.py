@@ -158,46 +158,45 @@ def test_switched_off_means_eager():
     assert not cpu_kernels._fusable(x)
 
 
-def test_no_compiler_falls_back(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_library():
+    """Forget the loaded kernel before and after the test, so that it looks up its build
+    (with the test's environment) again."""
+    cpu_kernels.library.cache_clear()
+    yield
+    cpu_kernels.library.cache_clear()
+
+
+def _check_eager_result():
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
+    norm = nn.GroupNorm(4, 16)
+    assert not cpu_kernels._fusable(x)
+    torch.testing.assert_close(group_norm_act(x, norm).double(), reference(x, norm), rtol=1e-5, atol=1e-6)
+
+
+def test_no_compiler_falls_back(tmp_path, monkeypatch, fresh_library):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DIFFORGE_CACHE", str(tmp_path / "cache"))
-    cpu_kernels.library.cache_clear()
-    try:
-        assert cpu_kernels.library() is None
-        x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
-        norm = nn.GroupNorm(4, 16)
-        assert not cpu_kernels._fusable(x)
-        torch.testing.assert_close(group_norm_act(x, norm).double(), reference(x, norm), rtol=1e-5, atol=1e-6)
-    finally:
-        cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is None
+    _check_eager_result()
 
 
-def test_failing_compiler_falls_back(tmp_path, monkeypatch):
+def test_failing_compiler_falls_back(tmp_path, monkeypatch, fresh_library):
     fake = tmp_path / "fake-cc"
     fake.write_text("#!/bin/sh\necho 'fake-cc 1.0'\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("DIFFORGE_CACHE", str(tmp_path / "cache"))
-    cpu_kernels.library.cache_clear()
-    try:
-        assert cpu_kernels.library() is None
-        assert not list((tmp_path / "cache").rglob("*.tmp"))  # no half-written files left
-    finally:
-        cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is None
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # no half-written files left
 
 
-def test_unwritable_cache_falls_back(tmp_path, monkeypatch):
+def test_unwritable_cache_falls_back(tmp_path, monkeypatch, fresh_library):
     blocker = tmp_path / "a-file"
     blocker.write_text("the cache directory cannot be created under a file")
     monkeypatch.setenv("DIFFORGE_CACHE", str(blocker / "cache"))
-    cpu_kernels.library.cache_clear()
-    try:
-        assert cpu_kernels.library() is None
-        x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
-        norm = nn.GroupNorm(4, 16)
-        torch.testing.assert_close(group_norm_act(x, norm).double(), reference(x, norm), rtol=1e-5, atol=1e-6)
-    finally:
-        cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is None
+    _check_eager_result()
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler")

@@ -262,9 +262,10 @@ def compare(args: argparse.Namespace, preset: str, peak: float) -> list[dict[str
             for _ in range(args.warmup):
                 for step in steps.values():
                     step()
-            for _ in range(args.repeats):  # A B A B ...
-                for w, step in steps.items():
-                    times[w].append(timed(step, device))
+            order = list(steps)
+            for r in range(args.repeats):  # A B A B ..., the order rotated every round
+                for w in order[r % len(order) :] + order[: r % len(order)]:
+                    times[w].append(timed(steps[w], device))
                     print(f"  {preset} {phase} {w}: {times[w][-1]:.3f} s", flush=True)
             del steps
         mem = {}
@@ -294,13 +295,24 @@ def compare(args: argparse.Namespace, preset: str, peak: float) -> list[dict[str
         for ours in rows[-len(models) : -1]:
             ours["ratio"] = ours["images_per_s"] / theirs["images_per_s"]
             ours["mem_ratio"] = ours["peak_mem_mib"] / theirs["peak_mem_mib"]
+            # Same-round ratios: a slow spell of the machine hits both steps of a round alike.
+            paired = sorted(d / o for o, d in zip(times[ours["model"]], times["diffusers"], strict=True))
+            ours["round_ratios"] = [round(r, 3) for r in paired]
             print(
                 f"{preset:13s} {phase:9s} {ours['model']} {ours['images_per_s']:7.2f} img/s  diffusers "
                 f"{theirs['images_per_s']:7.2f} img/s  ratio {ours['ratio']:.2f}x  "
-                f"mem {ours['peak_mem_mib']:.0f} vs {theirs['peak_mem_mib']:.0f} MiB",
+                f"{_spread(paired)}  mem {ours['peak_mem_mib']:.0f} vs {theirs['peak_mem_mib']:.0f} MiB",
                 flush=True,
             )
     return rows
+
+
+def _spread(sorted_ratios: list[float]) -> str:
+    """'per-round median 1.23x [1.18-1.27]': median and quartiles of the same-round ratios."""
+    if not sorted_ratios:
+        return "per-round n/a"
+    q = statistics.quantiles(sorted_ratios, n=4) if len(sorted_ratios) > 1 else sorted_ratios * 3
+    return f"per-round median {q[1]:.2f}x [{q[0]:.2f}-{q[2]:.2f}]"
 
 
 def main() -> None:
@@ -350,7 +362,7 @@ def main() -> None:
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
+        ratio = f"{r['ratio']:.2f}x ({_spread(r['round_ratios'])})" if "ratio" in r else ""
         print(
             f"| {r['preset']} | {r['model']} | {r['phase']} | {r['batch']} | "
             f"{r['params'] / 1e6:.2f}M | {r['images_per_s']:.2f} | {ratio} | "

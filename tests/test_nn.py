@@ -13,6 +13,7 @@ import torch
 
 from difforge.errors import DifforgeError
 from difforge.nn import BLOCK_KINDS, PRESETS, UNet, UNetConfig
+from difforge.nn.layers import LinearAttention, SelfAttention
 
 B = 2
 
@@ -343,8 +344,38 @@ def test_no_data_dependent_host_sync_in_forward() -> None:
     assert out.shape == (4, 6, 32, 32) and out.device.type == "meta"
 
 
-def test_bf16_autocast() -> None:
-    cfg = tiny()
+def test_single_head_folded_attention_is_exact() -> None:
+    """One head: the folded projections give the output and every gradient of the plain
+    q/k/v path (float64, random non-zero biases, both in the same module)."""
+    torch.manual_seed(0)
+    attn = SelfAttention(16, tiny(num_heads=1, zero_init=False)).double()
+    assert attn.heads == 1 and attn.foldable
+    h = torch.randn(3, 20, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for path in (attn.multi_head, attn.single_head):
+        attn.zero_grad(set_to_none=True)
+        out = path(h)
+        (grad_h,) = torch.autograd.grad(out.sin().sum(), h, retain_graph=True)
+        out.sin().sum().backward()
+        results.append((out, grad_h, {n: p.grad for n, p in attn.named_parameters()}))
+    (out_a, gh_a, gp_a), (out_b, gh_b, gp_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh_b, gh_a, rtol=1e-10, atol=1e-12)
+    for name in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+        torch.testing.assert_close(gp_b[name], gp_a[name], rtol=1e-10, atol=1e-12)
+    assert not gp_b["qkv.bias"][16:32].any()  # the key bias: exactly zero, its true gradient
+
+
+def test_multi_head_and_linear_attention_do_not_fold() -> None:
+    assert not LinearAttention(16, tiny(num_heads=1)).foldable
+    model = UNet(tiny(num_heads=1, blocks=("res", "res,attn", "res,linear_attn")))
+    kinds = {type(m) for m in model.modules() if isinstance(m, SelfAttention)}
+    assert kinds == {SelfAttention, LinearAttention}
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_bf16_autocast(heads: int) -> None:
+    cfg = tiny(num_heads=heads)
     model = randomized(UNet(cfg)).eval()
     x, t = inputs(cfg)
     with torch.no_grad():
@@ -415,11 +446,12 @@ def _compile_available() -> bool:
     return True
 
 
-def _compile_check(backend: str) -> None:
-    # Two levels (conv downsample, transposed-conv upsample), attention and class embedding in
-    # the bottleneck: every op kind of the presets, at the smallest size (compile time scales
-    # with the number of kernels).
+def _compile_check(backend: str, heads: int = 1) -> None:
+    # Two levels (conv downsample, transposed-conv upsample), attention (one head, folded, as in
+    # the presets) and class embedding in the bottleneck: every op kind of the presets, at the
+    # smallest size (compile time scales with the number of kernels).
     cfg = tiny(
+        num_heads=heads,
         image_size=16,
         base_channels=8,
         channel_mult=(1, 2),
@@ -439,10 +471,11 @@ def _compile_check(backend: str) -> None:
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-4)
 
 
-def test_compile_graph_capture_matches_eager() -> None:
+@pytest.mark.parametrize("heads", [1, 2])
+def test_compile_graph_capture_matches_eager(heads: int) -> None:
     """Dynamo captures the whole forward as one graph (no breaks); quick backend."""
     pytest.importorskip("torch._dynamo")
-    _compile_check("aot_eager")
+    _compile_check("aot_eager", heads)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ mathematically identical stride-2 4x4 transposed convolution (2.25x fewer FLOPs)
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -243,13 +244,25 @@ def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, nh * d)
 
 
+def _autocast_off(device: torch.device) -> AbstractContextManager[object]:
+    """Disable autocast on ``device`` (a no-op context for devices without autocast, e.g. meta)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H x W positions, with a residual connection.
 
     ``x + proj(SDPA(qkv(GN(x))))`` through `torch.nn.functional.scaled_dot_product_attention`
     (flash / memory-efficient kernels where available). (B, C, H, W) -> (B, C, H, W).
     `LinearAttention` shares everything but `attend`.
+
+    With one head the projections are folded (exactly, see `single_head`), which halves their
+    FLOPs; the parameters and checkpoints are the same either way.
     """
+
+    foldable = True  # `single_head` applies (softmax attention); LinearAttention sets False
 
     def __init__(self, channels: int, cfg: UNetConfig) -> None:
         super().__init__()
@@ -266,8 +279,37 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor, cls_emb: Tensor | None = None) -> Tensor:
         tokens = _to_tokens(group_norm_act(x, self.norm, silu=False))
-        q, k, v = _split_heads(self.qkv(tokens), 3, self.heads)  # (B, h, N, d)
-        return x + _from_tokens(self.proj(_merge_heads(self.attend(q, k, v))), x)
+        out = self.single_head(tokens) if self.foldable and self.heads == 1 else self.multi_head(tokens)
+        return x + _from_tokens(out, x)
+
+    def multi_head(self, h: Tensor) -> Tensor:
+        """``proj(attend(q, k, v))`` with q, k, v = qkv(h) split into heads. (B, N, C) -> (B, N, C)."""
+        q, k, v = _split_heads(self.qkv(h), 3, self.heads)  # (B, heads, N, d)
+        return self.proj(_merge_heads(self.attend(q, k, v)))
+
+    def single_head(self, h: Tensor) -> Tensor:
+        """`multi_head` for one head, with the projections folded into two C x C ones.
+
+        With q_i = Wq h_i + bq, k_j = Wk h_j + bk, v_j = Wv h_j + bv and P = softmax_j(q_i.k_j / sqrt(C)):
+
+        - q_i.k_j = (A h_i + u).h_j + (terms constant in j, which the softmax cancels),
+          A = Wk^T Wq, u = Wk^T bq: the keys are the tokens h themselves;
+        - Wo sum_j P_ij v_j + bo = (Wo Wv) sum_j P_ij h_j + (Wo bv + bo), as each row of P sums
+          to 1: the values are the tokens too.
+
+        So ``proj(SDPA(q, k, v)) = linear(SDPA(linear(h, A, u), h, h), Wo Wv, Wo bv + bo)``:
+        2 C^2 multiply-adds per token instead of 4 C^2, and no (B, N, 3C) buffer. bk gets a zero
+        gradient, which is its true one (it never changes the output). (B, N, C) -> (B, N, C).
+        """
+        c = h.shape[-1]
+        with _autocast_off(h.device):  # fold in the parameters' precision; F.linear casts after
+            wq, wk, wv = self.qkv.weight.split(c)
+            bq, _, bv = self.qkv.bias.split(c)
+            weight_q, bias_q = wk.t() @ wq, bq @ wk
+            weight_o, bias_o = self.proj.weight @ wv, self.proj.weight @ bv + self.proj.bias
+        q = F.linear(h, weight_q, bias_q).unsqueeze(1)  # (B, 1, N, C)
+        kv = h.to(q.dtype).unsqueeze(1)
+        return F.linear(self.attend(q, kv, kv).squeeze(1), weight_o, bias_o)
 
 
 class LinearAttention(SelfAttention):
@@ -277,6 +319,8 @@ class LinearAttention(SelfAttention):
     ``k^T v`` replaces the (N x N) attention matrix. For high resolutions where ``attn`` is too
     expensive. (B, C, H, W) -> (B, C, H, W), residual.
     """
+
+    foldable = False
 
     def __init__(self, channels: int, cfg: UNetConfig) -> None:
         super().__init__(channels, cfg)

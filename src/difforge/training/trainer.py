@@ -30,6 +30,7 @@ from difforge.errors import DifforgeError
 from difforge.images import make_grid, save_png, to_uint8
 from difforge.sampling import StepInfo, generate
 from difforge.timestep_sampling import UniformTimestepSampler, make_timestep_sampler
+from difforge.training.allocator import keep_freed_memory
 from difforge.training.checkpoint import (
     checkpoint_dirs,
     encode_json,
@@ -343,6 +344,8 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> None:
         """Train until ``total_steps`` (or ``stop_after`` more steps, for tests)."""
         config = self.config
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse freed activations instead of page-faulting them in again
         self.write_config()
         batches = self._batches()
         last_step = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)

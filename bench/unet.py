@@ -41,6 +41,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from difforge.nn import UNet, UNetConfig, cpu_kernels  # noqa: E402
+from difforge.training.allocator import keep_freed_memory  # noqa: E402
 
 PAIRS: dict[str, tuple[int, ...]] = {
     "ddpm-cifar10": (128, 256, 256, 256),
@@ -333,6 +334,11 @@ def main() -> None:
     )
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc malloc keeps freed blocks (as difforge's Trainer does on CPU), for all models",
+    )
     p.add_argument("--_memory-worker", dest="memory_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--which", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="small", help=argparse.SUPPRESS)
@@ -340,6 +346,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: not applicable here (needs Linux with glibc)")
     if args.memory_worker:
         memory_worker(args)
         return

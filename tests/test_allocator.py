@@ -20,10 +20,9 @@ import json, resource, sys
 import torch
 from difforge.training.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tune" else None
-for _ in range(3):  # 64 MiB blocks: above glibc's largest automatic mmap threshold
-    torch.empty(16 << 20).fill_(1.0)  # (the heap, once tuned, grows during the first two)
+torch.empty(16 << 20).fill_(1.0)  # 64 MiB blocks: above glibc's largest automatic mmap threshold
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(15):  # once tuned, the heap settles after a few blocks (1-4 seen), then reuses one
     torch.empty(16 << 20).fill_(1.0)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"applied": applied, "faults": faults}))
@@ -47,9 +46,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_in() -> None:
     default = _probe("default")
     tuned = _probe("tune")
     assert tuned["applied"] is True
-    pages = 5 * (64 << 20) // 4096  # what five fresh 64 MiB blocks cost in 4 KiB pages
-    assert int(default["faults"]) > pages // 2  # glibc maps each block afresh
-    assert int(tuned["faults"]) < pages // 20  # the same block is reused from the heap
+    pages = 15 * (64 << 20) // 4096  # what 15 fresh 64 MiB blocks cost in 4 KiB pages
+    assert int(default["faults"]) > pages * 0.9  # glibc maps every block afresh
+    assert int(tuned["faults"]) < pages * 0.5  # blocks are reused from the heap
 
 
 def test_switch_off_by_environment() -> None:

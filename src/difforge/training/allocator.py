@@ -5,7 +5,8 @@ fresh ``mmap`` calls and returns freed memory at the top of its heap to the oper
 so each training step, which frees almost all of its activations at its end, maps the same
 hundreds of megabytes again in the next step and takes a page fault (and a page of zeroing)
 for every 4 KiB of it. On the reference 2-core VM that is about 100 ms of system time per step
-of the default `mnist` job (a 12-15% slower step; `docs/benchmarks.md`).
+of the default `mnist` job: 509 ms per step instead of 442 (`bench/allocator.py`,
+`docs/benchmarks.md`).
 
 `keep_freed_memory` raises glibc's mmap and trim thresholds (``mallopt``) so that freed blocks
 stay in the heap and are reused. The cost: the process keeps its peak heap until it exits
@@ -25,8 +26,8 @@ ENV_SWITCH = "DIFFORGE_MALLOC_TUNING"
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-# Blocks up to this size come from the heap (glibc >= 2.35 accepts it; older ones cap the
-# threshold at 32 MiB on 64-bit, which we then use).
+# Blocks up to this size come from the heap. The glibc 2.36 of the reference machine accepts
+# it; a glibc that refuses gets 32 MiB, the largest value glibc has always accepted on 64-bit.
 MMAP_THRESHOLD = 1 << 30
 MMAP_THRESHOLD_FALLBACK = 32 << 20
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: never trim below 2 GiB of free top

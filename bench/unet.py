@@ -240,6 +240,8 @@ def peak_memory(args: argparse.Namespace, which: str, preset: str, phase: str, b
         "--threads",
         str(args.threads),
     ]
+    if args.keep_freed_memory:  # the subprocess's peak then reflects the same malloc settings
+        cmd.append("--keep-freed-memory")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak"]
 

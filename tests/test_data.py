@@ -166,7 +166,8 @@ def test_mixed_folder_skips_bad_files_and_uses_the_rest(
     assert "3 unreadable files skipped" in ds.summary()
     assert sum("skipped 3 of 12" in r.getMessage() for r in caplog.records) == 1
     for i in range(len(ds)):
-        image, label = ds[i]
+        image, cond = ds[i]
+        label = cond["class_labels"]
         assert image.shape == (3, 16, 16) and image.dtype == torch.float32
         assert image.min() >= -1.0 and image.max() <= 1.0
         assert label.dtype == torch.int64 and label.shape == () and label.item() == -1
@@ -229,7 +230,7 @@ def test_class_folders_give_sorted_names_and_labels(tmp_path: Path) -> None:
             save(tmp_path / name / "sub" / f"{i}.png", Image.fromarray(noise(9, 9)))
     ds = load_dataset(tmp_path, image_size=8, class_folders=True)
     assert ds.class_names == ["cat", "dog", "zebra"] and ds.num_classes == 3
-    assert sorted(ds[i][1].item() for i in range(len(ds))) == [0, 0, 0, 1, 2, 2]
+    assert sorted(ds[i][1]["class_labels"].item() for i in range(len(ds))) == [0, 0, 0, 1, 2, 2]
     assert load_dataset(tmp_path, image_size=8).num_classes == 0
     save(tmp_path / "loose.png", Image.fromarray(noise(9, 9)))
     with pytest.raises(DifforgeError, match="directly in"):
@@ -302,7 +303,7 @@ def test_distributed_sampler_splits_the_dataset(tmp_path: Path) -> None:
     seen = []
     for rank in range(2):
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=3)
-        seen += [y.shape[0] for _, y in DataLoader(ds, batch_size=2, sampler=sampler)]
+        seen += [y["class_labels"].shape[0] for _, y in DataLoader(ds, batch_size=2, sampler=sampler)]
     assert sum(seen) == 6  # 5 padded to 2 x 3
 
 
@@ -322,7 +323,8 @@ def test_mnist() -> None:
     assert len(ds) == 5000 and ds.channels == 1 and ds.class_names == list("0123456789")
     labels = ds.labels
     assert labels.min() == 0 and labels.max() == 9 and np.bincount(labels).min() > 0
-    image, label = ds[4999]
+    image, cond = ds[4999]
+    label = cond["class_labels"]
     assert image.shape == (1, 32, 32) and label.item() == labels[4999]
     assert (image[:, :2] == -1).all() and (image[:, :, -2:] == -1).all()  # the padding
     assert image.max() == 1.0  # ink reaches white
@@ -347,5 +349,6 @@ def test_emoji() -> None:
     assert (corners == 255).all(axis=(1, 2)).mean() > 0.8  # transparent corners -> white
     assert "CC-BY 4.0" in data.attribution and "Twemoji" in data.attribution
     ds = load_dataset("emoji", image_size=32)
-    image, label = ds[0]
+    image, cond = ds[0]
+    label = cond["class_labels"]
     assert image.shape == (3, 32, 32) and label.item() == -1 and ds.num_classes == 0

@@ -430,7 +430,8 @@ def test_builtin_slices_are_disjoint_and_shuffled() -> None:
 def test_run_is_sampled_through_the_pipeline(tmp_path, monkeypatch) -> None:
     """A run directory is sampled with ``Pipeline.from_run(run)(num_images, ...)``."""
     pipeline = pytest.importorskip("difforge.pipeline")
-    from difforge.evaluation.sources import SamplingOptions, open_input
+    from difforge.evaluation.sources import open_input
+    from difforge.sampling import SampleConfig
 
     calls: list[dict[str, object]] = []
 
@@ -443,8 +444,8 @@ def test_run_is_sampled_through_the_pipeline(tmp_path, monkeypatch) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    source = open_input(str(run), 5, SamplingOptions(sampler="ddim", steps=10, seed=3))
-    other = open_input(str(run), 5, SamplingOptions(sampler="ddim", steps=20, seed=3))
+    source = open_input(str(run), 5, SampleConfig(sampler="ddim", steps=10, seed=3))
+    other = open_input(str(run), 5, SampleConfig(sampler="ddim", steps=20, seed=3))
     assert source.count == 5 and source.fingerprint != other.fingerprint
     images = source.load(0, 3) + source.load(3, 5)
     assert len(images) == 5 and images[0].shape == (16, 16, 3)

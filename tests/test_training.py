@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import difforge.training.checkpoint as checkpoint_module
+import difforge.runs.storage as checkpoint_module
 from difforge.diffusion import DiffusionConfig
 from difforge.errors import DifforgeError
 from difforge.pipeline import Pipeline
 from difforge.training import RunConfig, TrainConfig, Trainer, prepare_run
-from difforge.training.checkpoint import checkpoint_dirs, load_tensors
+from difforge.runs.storage import checkpoint_dirs, load_tensors
 
 pytest.importorskip("sklearn", reason="the digits dataset comes with the [datasets] extra")
 

@@ -12,12 +12,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from difforge import __version__
 from difforge.errors import DifforgeError
+from difforge.flags import add_dataclass_flags, dataclass_values, field_default
 
 EXIT_USAGE = 2
 
@@ -39,13 +39,6 @@ class _Parser(argparse.ArgumentParser):
                     hints.append(word)
             message = "unrecognized arguments: " + ", ".join(hints)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _default(cls: type, name: str) -> Any:
-    for f in fields(cls):
-        if f.name == name:
-            return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-    raise KeyError(name)
 
 
 # ---- train ----------------------------------------------------------------------------------
@@ -78,7 +71,7 @@ _TRAIN_HELP = {
     "num_workers": "DataLoader worker processes",
     "tensorboard": "write TensorBoard events",
     "preview_images": "images in the sample grid made during training",
-    "preview_sampler": "sampler of the grid made during training",
+    "preview_sampler": "sampler of the grid made during training (default: the process's own, as for sample)",
     "preview_steps": "sampler steps of the grid made during training",
 }
 
@@ -92,40 +85,11 @@ _DIFFUSION_HELP = {
     "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default: off)",
     "huber_delta": "Huber loss transition point",
 }
-_FLAG_NAMES = {"num_timesteps": "--timesteps"}
-
-
-def _add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls: type, helps: dict[str, str], dest_prefix: str
-) -> None:
-    for f in fields(cls):
-        if f.name not in helps:
-            continue
-        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        default = _default(cls, f.name)
-        dest = dest_prefix + f.name
-        if isinstance(default, bool):
-            parser.add_argument(
-                flag,
-                dest=dest,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=f"{helps[f.name]} (default: {'on' if default else 'off'})",
-            )
-            continue
-        kind = {"int": int, "float": float, "str": str}.get(
-            type(default).__name__ if default is not None else ""
-        )
-        if kind is None:
-            text = str(f.type)
-            kind = int if "int" in text else float if "float" in text else str
-        shown = "" if "default" in helps[f.name] else f" (default: {default})"
-        parser.add_argument(flag, dest=dest, type=kind, default=default, help=helps[f.name] + shown)
 
 
 def _add_train(subparsers: Any) -> None:
     from difforge.diffusion import DiffusionConfig
-    from difforge.training.config import TrainConfig
+    from difforge.runs.config import TrainConfig
 
     parser = subparsers.add_parser(
         "train",
@@ -136,7 +100,7 @@ def _add_train(subparsers: Any) -> None:
     parser.add_argument(
         "data",
         nargs="?",
-        default=_default(TrainConfig, "data"),
+        default=field_default(TrainConfig, "data"),
         help="a folder of images (searched recursively) or a built-in dataset: mnist, digits, emoji "
         "(default: %(default)s)",
     )
@@ -146,8 +110,10 @@ def _add_train(subparsers: Any) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_dataclass_flags(parser, TrainConfig, _TRAIN_HELP, "train.")
-    _add_dataclass_flags(parser, DiffusionConfig, _DIFFUSION_HELP, "diffusion.")
+    add_dataclass_flags(parser, TrainConfig, _TRAIN_HELP, "train.")
+    add_dataclass_flags(
+        parser, DiffusionConfig, _DIFFUSION_HELP, "diffusion.", {"num_timesteps": "--timesteps"}
+    )
     parser.set_defaults(func=_run_train)
 
 
@@ -173,11 +139,11 @@ def _run_train(args: argparse.Namespace) -> int:
     import torch
 
     from difforge.diffusion import DiffusionConfig
-    from difforge.training import RunConfig, TrainConfig, Trainer, prepare_run, resolve_device
+    from difforge.runs import RunConfig, TrainConfig, resolve_device
+    from difforge.training import Trainer, prepare_run
 
-    values = vars(args)
-    train_values = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("train.")}
-    diffusion_values = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("diffusion.")}
+    train_values = dataclass_values(args, "train.")
+    diffusion_values = dataclass_values(args, "diffusion.")
     train_values["data"] = args.data
     ctx = _distributed_context()
     out = Path(args.out) if args.out else Path("runs") / Path(str(args.data).rstrip("/")).name
@@ -188,15 +154,13 @@ def _run_train(args: argparse.Namespace) -> int:
         train_config, diffusion_config = saved.train, saved.diffusion
         model_overrides = saved.model.to_dict()
     else:
-        TrainConfig(**train_values).validate()
+        train_config = TrainConfig(**train_values).validate()
         if (out / "config.json").exists():
             raise DifforgeError(
                 f"{out} already holds a run: pass --resume to continue it, or choose another --out"
             )
-        train_config = TrainConfig(**train_values)
         diffusion_config = DiffusionConfig(**diffusion_values)
         model_overrides = None
-    train_config.validate()
     device = resolve_device(args.device)
     if device.type == "cuda" and ctx.world_size > 1:
         device = torch.device("cuda", ctx.local_rank)
@@ -209,7 +173,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters())
         print(
-            f"difforge {__version__}: training {train_config.preset} U-Net ({params / 1e6:.2f}M parameters) "
+            f"difforge {__version__}: training {train_config.preset} {_model_name(run_config)} "
+            f"({params / 1e6:.2f}M parameters) "
             f"on {dataset.source} ({len(dataset)} images, {dataset.num_classes} classes, "
             f"{dataset.image_size}x{dataset.image_size}x{dataset.channels}) for {trainer.total_steps} steps "
             f"on {device}{f' x {ctx.world_size}' if ctx.world_size > 1 else ''}; run folder: {out}",
@@ -244,33 +209,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_sample(subparsers: Any) -> None:
-    from difforge.sampling import SAMPLER_NAMES, SPACINGS
+    from difforge.sampling.config import add_sample_flags
 
     parser = subparsers.add_parser("sample", help="sample images from a trained run")
     parser.add_argument("run", help="run folder written by difforge train")
     parser.add_argument("-n", "--num-images", type=int, default=64, help="how many images (default: 64)")
-    parser.add_argument(
-        "--sampler", default="dpmpp_2m", choices=SAMPLER_NAMES, help="sampler (default: dpmpp_2m)"
-    )
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default: 0)")
-    parser.add_argument(
-        "--spacing",
-        default="karras",
-        choices=SPACINGS,
-        help="noise levels of the ODE samplers (default: karras)",
-    )
-    parser.add_argument(
-        "--guidance", type=float, default=1.0, help="classifier-free guidance scale w; 1 = off (default: 1)"
-    )
+    add_sample_flags(parser)
     parser.add_argument(
         "--class",
         dest="classes",
         action="append",
         help="class name or id, repeatable or comma-separated, cycled over the images (default: random)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument(
         "--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights (default: ema)"
     )
@@ -295,6 +245,9 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise DifforgeError(f"--fps must be > 0, got {args.fps}")
     if args.no_grid and not args.images_dir and not args.gif:
         raise DifforgeError("nothing to write: --no-grid needs --images-dir or --gif")
+    from difforge.sampling.config import sample_config_from_args
+
+    sampling = sample_config_from_args(args)
     pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
     classes = None
     if args.classes:
@@ -307,21 +260,10 @@ def _run_sample(args: argparse.Namespace) -> int:
     columns = None
     if pipe.num_classes and classes:
         columns = len(classes) if len(classes) <= 16 else None
-    images = pipe(
-        args.num_images,
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        guidance=args.guidance,
-        classes=classes,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        spacing=args.spacing,
-        callback=keep if args.gif else None,
-    )
+    images = pipe(args.num_images, classes=classes, config=sampling, callback=keep if args.gif else None)
     written = []
     if not args.no_grid:
-        out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_seed{args.seed}.png"
+        out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_seed{sampling.seed}.png"
         written.append(save_png(out, make_grid(images, columns=columns)))
     if args.images_dir:
         folder = Path(args.images_dir)
@@ -336,6 +278,10 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_name(config: Any) -> str:
+    return "U-Net" if config.model.kind == "unet" else f"{config.model.kind} model"
+
+
 # ---- info -----------------------------------------------------------------------------------
 
 
@@ -347,8 +293,8 @@ def _add_info(subparsers: Any) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from difforge.training.checkpoint import checkpoint_dirs
-    from difforge.training.config import RunConfig
+    from difforge.runs import RunConfig
+    from difforge.runs.storage import checkpoint_dirs
 
     config = RunConfig.load(args.run)
     if args.json:
@@ -372,13 +318,13 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"data:       {data.source} ({data.num_images} images, fingerprint {data.fingerprint})")
     classes = ", ".join(config.data.class_names) if config.data.class_names else "none"
     print(f"classes:    {classes}")
+    print(f"conditions: {', '.join(config.conditioning or []) or 'none'}")
     print(
-        f"model:      {config.train.preset} U-Net, {model.image_size}x{model.image_size}x{model.in_channels}"
+        f"model:      {config.train.preset} {_model_name(config)}, "
+        f"{model.image_size}x{model.image_size}x{model.in_channels}"
     )
-    d = config.diffusion
-    print(
-        f"diffusion:  {d.schedule} T={d.num_timesteps}, predicts {d.prediction}, {d.variance}, loss {d.loss}"
-    )
+    settings = {k: v for k, v in config.diffusion.to_dict().items() if k != "kind"}
+    print(f"process:    {config.diffusion.kind}, " + ", ".join(f"{k} {v}" for k, v in settings.items()))
     if checkpoints:
         print(f"checkpoints: {', '.join(p.name for p in checkpoints)}")
     else:
@@ -400,12 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_sample(subparsers)
     _add_info(subparsers)
-    try:
-        from difforge.evaluation.commands import add_eval_parser
-    except ImportError:
-        add_eval_parser = None
-    if add_eval_parser is not None:
-        add_eval_parser(subparsers)
+    from difforge.evaluation.commands import add_eval_parser
+
+    add_eval_parser(subparsers)
     options: list[str] = []
     for sub in subparsers.choices.values():
         for action in sub._actions:

@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from difforge.errors import DifforgeError, dataclass_from_mapping
 from difforge.schedule import SCHEDULE_NAMES, NoiseSchedule, RespacingSpec
+from difforge.timestep_sampling import UniformTimestepSampler, make_timestep_sampler
 
 Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
@@ -108,7 +109,11 @@ class DiffusionConfig:
         min_snr_gamma: if set, weight the simple loss by min(SNR, gamma) / SNR-ish
             (Hang et al. 2023), per the prediction type.
         huber_delta: the Huber loss's transition point.
+
+    ``kind`` names the process in a run's config.json (see `difforge.process`).
     """
+
+    kind: ClassVar[str] = "gaussian"
 
     schedule: str = "linear"
     num_timesteps: int = 1000
@@ -131,12 +136,19 @@ class DiffusionConfig:
             huber_delta=self.huber_delta,
         )
 
+    def model_settings(self) -> dict[str, Any]:
+        """What the network must be built with for this process: 2C outputs for learned_range."""
+        return {"learn_sigma": self.variance == "learned_range"}
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"kind": self.kind, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiffusionConfig:
-        return dataclass_from_mapping(cls, data, "diffusion setting(s)")
+        settings = dict(data) if isinstance(data, Mapping) else data
+        if isinstance(settings, dict) and settings.pop("kind", cls.kind) != cls.kind:
+            raise DifforgeError(f"diffusion settings of kind {data['kind']!r} are not {cls.kind!r} settings")
+        return dataclass_from_mapping(cls, settings, "diffusion setting(s)")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -168,7 +180,12 @@ class GaussianDiffusion:
             emits 2C channels; the second half v in [-1, 1] interpolates log beta_t and
             log beta~_t, IDDPM eq. 15).
         loss: see `DiffusionConfig`.
+
+    Implements `difforge.process.Process` (kind ``gaussian``).
     """
+
+    kind: ClassVar[str] = "gaussian"
+    default_sampler: ClassVar[str] = "dpmpp_2m"
 
     def __init__(
         self,
@@ -231,6 +248,10 @@ class GaussianDiffusion:
         self._timestep_map_cache: dict[torch.device, torch.Tensor] = {}
 
     # ---- bookkeeping ---------------------------------------------------------------
+
+    def timestep_sampler(self, name: str) -> UniformTimestepSampler:
+        """The sampler of training timesteps ``name`` (uniform, importance) over this chain."""
+        return make_timestep_sampler(name, self.num_timesteps)
 
     def settings(self) -> dict[str, Any]:
         """The constructor keywords (not the schedule), to build a sibling process."""

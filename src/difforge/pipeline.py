@@ -3,56 +3,62 @@
 pipe = Pipeline.from_run("runs/mnist")
 images = pipe(num_images=16, sampler="dpmpp_2m", steps=20, guidance=2.0, classes=["3", "7"])
 # (16, 32, 32, 1) uint8
+
+Sampling settings default to `difforge.sampling.SampleConfig`'s; other conditions than
+class labels go in ``cond`` (e.g. ``cond={"image_cond": images}``, one row per image).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from difforge.diffusion import GaussianDiffusion
+from difforge.conditioning import (
+    ClassLabel,
+    ConditionContext,
+    build_conditions,
+    null_conditions,
+    prepare_conditions,
+)
 from difforge.errors import DifforgeError
 from difforge.images import to_uint8
-from difforge.nn import UNet
-from difforge.sampling import SAMPLER_NAMES, StepInfo, generate
-from difforge.training.checkpoint import load_tensors
-from difforge.training.config import RunConfig
-from difforge.training.trainer import resolve_device
+from difforge.process import Process
+from difforge.runs.config import RunConfig
+from difforge.runs.device import resolve_device
+from difforge.runs.models import load_model
+from difforge.sampling import SampleConfig, StepInfo, generate
 
 ClassSpec = str | int | Sequence[str | int] | None
 
 
 class Pipeline:
-    """A U-Net, its diffusion process and the run's settings, on one device."""
+    """A model, its process and the run's settings, on one device."""
 
-    def __init__(
-        self, model: UNet, diffusion: GaussianDiffusion, run_config: RunConfig, device: torch.device
-    ):
+    def __init__(self, model: torch.nn.Module, process: Process, run_config: RunConfig, device: torch.device):
         self.model = model.to(device).eval()
-        self.diffusion = diffusion
+        self.process = process
         self.run_config = run_config
         self.device = device
+        self.conditions = build_conditions(
+            run_config.conditioning or [], ConditionContext(num_classes=self.num_classes)
+        )
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto", weights: str = "ema") -> Pipeline:
         """Load ``RUN/config.json`` and ``RUN/ema.safetensors`` (or ``model.safetensors`` with
         ``weights="raw"``). Missing or damaged files are a DifforgeError naming the file."""
-        if weights not in ("ema", "raw"):
-            raise DifforgeError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        run_dir = Path(run_dir)
         config = RunConfig.load(run_dir)
-        model = UNet(config.model)
-        path = run_dir / ("ema.safetensors" if weights == "ema" else "model.safetensors")
-        state = load_tensors(path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise DifforgeError(f"{path} does not fit the model in config.json ({first})") from None
+        model = load_model(run_dir, config, weights)
         return cls(model, config.diffusion.build(), config, resolve_device(device))
+
+    @property
+    def diffusion(self) -> Process:
+        """The process (the name of 0.1; `process` is the same object)."""
+        return self.process
 
     @property
     def class_names(self) -> list[str]:
@@ -60,12 +66,17 @@ class Pipeline:
 
     @property
     def num_classes(self) -> int:
-        return self.run_config.model.num_classes
+        return int(getattr(self.run_config.model, "num_classes", 0))
+
+    @property
+    def guidable(self) -> bool:
+        """Whether the model was trained with condition dropout, so it has a null to guide against."""
+        return bool(self.conditions) and self.run_config.train.p_uncond > 0
 
     def class_labels(self, classes: ClassSpec, count: int, generator: torch.Generator) -> torch.Tensor | None:
         """(count,) int64 labels from names, ids, ``"random"`` or None (random for a
         class-conditional model); a list shorter than count is repeated."""
-        if self.num_classes == 0:
+        if ClassLabel.key not in self.conditions:
             if classes not in (None, "random"):
                 raise DifforgeError("--class: this model was trained without classes")
             return None
@@ -90,51 +101,73 @@ class Pipeline:
             raise DifforgeError(f"--class: class id {value} is out of range 0..{self.num_classes - 1}")
         return value
 
+    def _conditions(
+        self,
+        num_images: int,
+        classes: ClassSpec,
+        cond: Mapping[str, torch.Tensor] | None,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """The cond dict of all ``num_images`` (CPU), class labels from ``classes``."""
+        given = dict(cond or {})
+        unknown = sorted(set(given) - set(self.conditions))
+        if unknown:
+            known = ", ".join(self.conditions) or "none"
+            raise DifforgeError(f"this model takes no {', '.join(unknown)} condition (it takes: {known})")
+        if ClassLabel.key not in given:
+            labels = self.class_labels(classes, num_images, generator)
+            if labels is not None:
+                given[ClassLabel.key] = labels
+        missing = [key for key in self.conditions if key not in given]
+        if missing:
+            raise DifforgeError(f"this model needs the {', '.join(missing)} condition (pass cond={{...}})")
+        for key, value in given.items():
+            if value.shape[0] != num_images:
+                raise DifforgeError(f"cond[{key!r}] has {value.shape[0]} rows for {num_images} images")
+        return prepare_conditions(given, self.conditions)
+
     @torch.no_grad()
     def __call__(
         self,
         num_images: int = 16,
         *,
-        sampler: str = "dpmpp_2m",
-        steps: int = 20,
-        eta: float = 0.0,
-        guidance: float = 1.0,
         classes: ClassSpec = None,
-        seed: int = 0,
-        batch_size: int = 64,
-        spacing: str = "karras",
+        cond: Mapping[str, torch.Tensor] | None = None,
+        config: SampleConfig | None = None,
         callback: Callable[[int, StepInfo], None] | None = None,
+        **settings: Any,
     ) -> np.ndarray:
         """Sample ``num_images`` images: (N, H, W, C) uint8.
 
+        ``config`` (default `SampleConfig()`) with ``settings`` (its field names: ``sampler``,
+        ``steps``, ``eta``, ``guidance``, ``spacing``, ``clip``, ``dynamic_threshold``,
+        ``seed``, ``batch_size``) applied on top. ``classes``: class names or ids, cycled
+        (default random); ``cond``: other conditions, one row per image.
         ``callback(batch_index, step_info)`` sees every step of every batch. The same seed
         and batch size give the same images."""
-        if num_images < 1 or batch_size < 1:
-            raise DifforgeError("the number of images and the batch size must be >= 1")
-        if sampler not in SAMPLER_NAMES:
-            raise DifforgeError(f"--sampler must be one of {', '.join(SAMPLER_NAMES)}; got {sampler!r}")
-        if guidance != 1.0 and self.num_classes == 0:
-            raise DifforgeError("--guidance needs a class-conditional model; this one has no classes")
-        generator = torch.Generator().manual_seed(seed)
-        labels = self.class_labels(classes, num_images, generator)
-        config = self.run_config.model
+        config = (config or SampleConfig()).updated(**settings).validate(self.process.kind)
+        if num_images < 1:
+            raise DifforgeError("the number of images must be >= 1")
+        if config.guidance not in (None, 1.0) and not self.guidable:
+            raise DifforgeError("--guidance needs a model trained with condition dropout; this one has none")
+        generator = torch.Generator().manual_seed(config.seed)
+        conditions = self._conditions(num_images, classes, cond, generator)
+        null = null_conditions(self.conditions) if self.guidable else None
+        config_model = self.run_config.model
+        shape = (config_model.in_channels, config_model.image_size, config_model.image_size)
         outputs = []
-        for batch_index, start in enumerate(range(0, num_images, batch_size)):
-            count = min(batch_size, num_images - start)
+        for batch_index, start in enumerate(range(0, num_images, config.batch_size)):
+            count = min(config.batch_size, num_images - start)
             step_callback = None if callback is None else (lambda info, b=batch_index: callback(b, info))
             samples = generate(
                 self.model,
-                self.diffusion,
-                (count, config.in_channels, config.image_size, config.image_size),
-                class_labels=None if labels is None else labels[start : start + count],
-                null_label=self.model.null_label if self.num_classes else None,
-                guidance=guidance,
+                self.process,
+                (count, *shape),
+                config,
+                cond={key: value[start : start + count] for key, value in conditions.items()},
+                null_cond=null,
                 generator=generator,
                 device=self.device,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                spacing=spacing,
                 callback=step_callback,
             )
             outputs.append(to_uint8(samples))

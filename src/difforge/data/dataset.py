@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from difforge.conditioning import ClassLabel
 from difforge.data.builtin import BUILTIN_DATASETS, load_builtin
 from difforge.data.io import (
     ImageMode,
@@ -86,12 +87,13 @@ def _format_skipped(skipped: list[tuple[str, str]]) -> str:
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
-class ImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Images as float32 (C, S, S) tensors in [-1, 1] with int64 scalar labels.
+class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
+    """Images as float32 (C, S, S) tensors in [-1, 1] with their conditioning dict.
 
-    Build it with `load_dataset`. ``dataset[i]`` returns ``(image, label)``: ``image`` float32
-    of shape (channels, image_size, image_size) with 0 -> -1 and 255 -> 1, ``label`` an int64
-    0-d tensor (the class id, or -1 when the dataset is unlabelled). Random crops and flips
+    Build it with `load_dataset`. ``dataset[i]`` returns ``(image, cond)``: ``image`` float32
+    of shape (channels, image_size, image_size) with 0 -> -1 and 255 -> 1, ``cond`` the dict
+    of `difforge.conditioning`, here ``{"class_labels": label}`` with ``label`` an int64 0-d
+    tensor (the class id, or -1 when the dataset is unlabelled). Random crops and flips
     draw from torch's global RNG. Holds no open file: pickles for DataLoader workers.
 
     Attributes:
@@ -173,7 +175,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return int(self._labels.shape[0])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = len(self)
         index = operator.index(index)
         if index < 0:
@@ -191,7 +193,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         image = to_model_range(arr)
         if self.hflip and bool(torch.rand(()) < 0.5):
             image = image.flip(-1)
-        return image, torch.tensor(int(self._labels[index]), dtype=torch.int64)
+        return image, {ClassLabel.key: torch.tensor(int(self._labels[index]), dtype=torch.int64)}
 
     def _load(self, index: int) -> tuple[int, np.ndarray]:
         """Decode item ``index`` from disk, or the next readable one if it fails now."""

@@ -15,7 +15,9 @@ Public interface::
 See ``docs/evaluation.md``.
 """
 
+from difforge.evaluation.cache import compute_stats
 from difforge.evaluation.commands import FIDResult, add_eval_parser, compare_stats
+from difforge.evaluation.features import extract_features
 from difforge.evaluation.inception import (
     FEATURE_DIM,
     INCEPTION_SIZE,
@@ -35,14 +37,7 @@ from difforge.evaluation.metrics import (
     sqrtm_psd,
     trace_sqrt_product,
 )
-from difforge.evaluation.sources import (
-    ImageSource,
-    SamplingOptions,
-    array_source,
-    compute_stats,
-    extract_features,
-    open_input,
-)
+from difforge.evaluation.sources import ImageSource, array_source, open_input
 from difforge.evaluation.stats import FeatureStats
 
 __all__ = [
@@ -53,7 +48,6 @@ __all__ = [
     "ImageSource",
     "InceptionFeatureExtractor",
     "KIDResult",
-    "SamplingOptions",
     "add_eval_parser",
     "array_source",
     "compare_stats",

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from difforge.errors import DifforgeError
+from difforge.evaluation.cache import compute_stats, matches
 from difforge.evaluation.inception import InceptionFeatureExtractor
 from difforge.evaluation.metrics import (
     KIDResult,
@@ -31,16 +32,14 @@ from difforge.evaluation.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
-from difforge.evaluation.sources import (
-    ImageSource,
-    SamplingOptions,
-    compute_stats,
-    matches,
-    open_input,
-)
+from difforge.evaluation.sources import ImageSource, open_input
 from difforge.evaluation.stats import FeatureStats
+from difforge.sampling import SampleConfig
+from difforge.sampling.config import add_sample_flags, sample_config_from_args
 
 DEFAULT_BATCH_SIZE = 16
+RUN_SAMPLING_FLAGS = ("sampler", "steps", "eta", "guidance", "spacing", "clip", "dynamic_threshold", "seed")
+"""The `SampleConfig` flags of sampling a run for FID (``--batch-size`` is Inception's here)."""
 
 
 def _positive_int(text: str) -> int:
@@ -79,11 +78,7 @@ def _add_common(parser: argparse.ArgumentParser, run_sampling: bool = True) -> N
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     if not run_sampling:
         return
-    run = parser.add_argument_group("sampling a run")
-    run.add_argument("--sampler", default=None, help="sampler name (pipeline default if unset)")
-    run.add_argument("--steps", type=_positive_int, default=None, help="sampling steps")
-    run.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
-    run.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_sample_flags(parser.add_argument_group("sampling a run"), only=RUN_SAMPLING_FLAGS)
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -153,15 +148,14 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated NAME:STEPS (default: %(default)s)",
     )
     samplers.add_argument("--out", help="report folder (default: RUN/sampler_report)")
-    samplers.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (default 1)")
-    samplers.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every sampler")
+    add_sample_flags(samplers, only=[f for f in RUN_SAMPLING_FLAGS if f not in ("sampler", "steps")])
     samplers.add_argument("--no-kid", action="store_true", help="skip KID")
     _add_common(samplers, run_sampling=False)
     samplers.set_defaults(func=run_samplers)
 
 
-def _sampling(args: argparse.Namespace) -> SamplingOptions:
-    return SamplingOptions(args.sampler, args.steps, args.guidance, args.seed)
+def _sampling(args: argparse.Namespace) -> SampleConfig:
+    return sample_config_from_args(args)
 
 
 class _LazyExtractor:
@@ -326,6 +320,7 @@ def run_samplers(args: argparse.Namespace) -> int:
     from difforge.pipeline import Pipeline
 
     chosen = parse_sampler_list(args.samplers)
+    _sampling(args)  # bad settings fail before any model is loaded
     if args.num_images is None:
         raise DifforgeError("eval samplers needs -n/--num-images: how many images per sampler")
     pipe = Pipeline.from_run(args.run, device="cpu" if args.device == "cpu" else "auto")
@@ -334,8 +329,8 @@ def run_samplers(args: argparse.Namespace) -> int:
     reference = _to_stats(reference, args, extractor)
     out_dir = Path(args.out) if args.out else Path(args.run) / "sampler_report"
     rows = sampler_report(
-        pipe, reference, chosen, args.num_images, extractor, out_dir, guidance=args.guidance,
-        seed=args.seed, inception_batch_size=args.batch_size, kid=not args.no_kid,
+        pipe, reference, chosen, args.num_images, extractor, out_dir, sampling=_sampling(args),
+        inception_batch_size=args.batch_size, kid=not args.no_kid,
         progress=not args.quiet,
     )  # fmt: skip
     print((out_dir / "report.md").read_text(encoding="utf-8"), end="")

@@ -23,13 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import default_collate
 
+from difforge.conditioning import prepare_conditions
 from difforge.errors import DifforgeError
+from difforge.evaluation.cache import compute_stats
 from difforge.evaluation.metrics import frechet_distance, frechet_distance_features, kernel_inception_distance
-from difforge.evaluation.sources import array_source, compute_stats
+from difforge.evaluation.sources import array_source
 from difforge.evaluation.stats import FeatureStats
 from difforge.images import make_grid, save_png
-from difforge.sampling import SAMPLER_NAMES, model_evaluations
+from difforge.sampling import SampleConfig, model_evaluations, sampler_names
 
 # ---- likelihood ------------------------------------------------------------------------------
 
@@ -90,11 +93,11 @@ def negative_log_likelihood(
     for start in range(0, count, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         x0 = torch.stack([image for image, _ in items]).to(device)
-        kwargs = {}
-        if config.model.num_classes:
-            labels = torch.stack([label for _, label in items]).to(device)
-            labels = torch.where(labels < 0, torch.full_like(labels, config.model.num_classes), labels)
-            kwargs["class_labels"] = labels
+        kwargs = prepare_conditions(
+            default_collate([cond for _, cond in items]),
+            pipe.conditions,
+            device=device,  # type: ignore[attr-defined]
+        )
         out = diffusion.calc_bpd_loop(model, x0, model_kwargs=kwargs, generator=generator, progress=progress)
         totals.append(out["total_bpd"].double().cpu())
         priors.append(out["prior_bpd"].double().cpu())
@@ -128,9 +131,10 @@ def parse_sampler_list(text: str) -> list[tuple[str, int]]:
     chosen = []
     for item in text.split(","):
         name, _, steps = item.strip().partition(":")
-        if name not in SAMPLER_NAMES or not steps.isdigit() or int(steps) < 1:
+        if name not in sampler_names() or not steps.isdigit() or int(steps) < 1:
             raise DifforgeError(
-                f"--samplers: {item.strip()!r} is not NAME:STEPS with NAME one of {', '.join(SAMPLER_NAMES)}"
+                f"--samplers: {item.strip()!r} is not NAME:STEPS with NAME one of "
+                f"{', '.join(sampler_names())}"
             )
         chosen.append((name, int(steps)))
     if not chosen:
@@ -146,22 +150,22 @@ def sampler_report(
     extractor: Callable[[], object],
     out_dir: Path,
     *,
-    guidance: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 64,
+    sampling: SampleConfig | None = None,
     inception_batch_size: int = 16,
     kid: bool = True,
     progress: bool = True,
 ) -> list[SamplerRow]:
     """Sample ``num_images`` per (sampler, steps) with the same seed, measure FID (and KID
-    when the reference has features) against ``reference``, and write the report files."""
+    when the reference has features) against ``reference``, and write the report files.
+    ``sampling``: every setting but the sampler and steps (the same seed for every sampler)."""
+    sampling = sampling or SampleConfig()
+    guidance = sampling.guidance_for(pipe.guidable)  # type: ignore[attr-defined]
     rows = []
     for name, steps in samplers:
         if steps > pipe.diffusion.num_timesteps:  # type: ignore[attr-defined]
             raise DifforgeError(f"--samplers: {name}:{steps} asks for more steps than the model's T")
         start = time.perf_counter()
-        images = pipe(num_images, sampler=name, steps=steps, guidance=guidance, seed=seed,  # type: ignore[operator]
-                      batch_size=batch_size)  # fmt: skip
+        images = pipe(num_images, config=sampling.updated(sampler=name, steps=steps))  # type: ignore[operator]
         seconds = (time.perf_counter() - start) / num_images
         stats = compute_stats(
             array_source(images, f"{name}:{steps}"), extractor, inception_batch_size,  # type: ignore[arg-type]

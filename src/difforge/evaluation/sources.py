@@ -10,9 +10,12 @@ by ``difforge eval stats``) or an `ImageSource` that yields uint8 image batches:
   ``mnist[:2500]``, ``mnist[2500:]``): the images are taken in a fixed shuffled order
   (`BUILTIN_ORDER_SEED`) because the files are sorted by class, so a prefix, ``-n`` or two
   disjoint slices are class-balanced samples;
-- ``run:PATH`` or a run directory (one with ``config.json``/``run.json``/``checkpoints``/a
+- ``run:PATH`` or a run directory (one with ``config.json``/``checkpoints``/a
   ``*.safetensors`` at its top level): ``-n`` images sampled with
-  ``difforge.pipeline.Pipeline.from_run(PATH)(num_images, sampler, steps, guidance, seed)``.
+  ``difforge.pipeline.Pipeline.from_run(PATH)`` and a `SampleConfig`.
+
+Features of a source are extracted by `difforge.evaluation.features`; statistics are
+cached by `difforge.evaluation.cache`.
 
 Every source has a ``fingerprint`` (SHA-256 over what defines its images: relative paths,
 sizes and modification times of a folder's files; a built-in's data hash and slice; a run's
@@ -26,8 +29,6 @@ import hashlib
 import json
 import os
 import re
-import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,33 +37,17 @@ from pathlib import Path
 import numpy as np
 
 from difforge.errors import DifforgeError
-from difforge.evaluation.inception import (
-    INCEPTION_SIZE,
-    PREPROCESSING,
-    WEIGHTS_SHA256,
-    InceptionFeatureExtractor,
-    default_cache_dir,
-)
 from difforge.evaluation.metrics import MIN_SAMPLES
 from difforge.evaluation.stats import FeatureStats
+from difforge.sampling import SampleConfig
 
 BUILTIN_ORDER_SEED = 0
 """Seed of the fixed permutation built-in datasets are read in."""
 
-RUN_MARKERS = ("config.json", "run.json", "config.yaml", "checkpoints")
+RUN_MARKERS = ("config.json", "checkpoints")
 """Top-level names that make a folder a training run rather than an image folder."""
 
 _BUILTIN_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How a run is sampled for FID (passed to the pipeline as is)."""
-
-    sampler: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int = 0
 
 
 @dataclass
@@ -95,7 +80,7 @@ class ImageSource:
                 yield stop - start, images
 
 
-def _sha256_json(obj: object) -> str:
+def sha256_json(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -131,7 +116,7 @@ def folder_source(root: str | os.PathLike[str], num_images: int | None = None) -
         files = files[:num_images]
     source = ImageSource(
         description=f"folder {str(root)!r}",
-        fingerprint="folder:" + _sha256_json(_file_listing(files, root)),
+        fingerprint="folder:" + sha256_json(_file_listing(files, root)),
         count=len(files),
         load=lambda a, b: [],
     )
@@ -179,7 +164,7 @@ def builtin_source(name: str, part: slice = slice(None), num_images: int | None 
     images = data.images
     return ImageSource(
         description=f"built-in {label}",
-        fingerprint="builtin:" + _sha256_json([name, data.source_hash, BUILTIN_ORDER_SEED, order.tolist()]),
+        fingerprint="builtin:" + sha256_json([name, data.source_hash, BUILTIN_ORDER_SEED, order.tolist()]),
         count=int(order.shape[0]),
         load=lambda a, b: list(images[order[a:b]]),
     )
@@ -192,7 +177,7 @@ def looks_like_run(path: Path) -> bool:
     )
 
 
-def run_source(path: str | os.PathLike[str], num_images: int | None, options: SamplingOptions) -> ImageSource:
+def run_source(path: str | os.PathLike[str], num_images: int | None, options: SampleConfig) -> ImageSource:
     """``num_images`` sampled from the training run at ``path`` (lazily, on first load)."""
     path = Path(path)
     if num_images is None or num_images < MIN_SAMPLES:
@@ -201,12 +186,6 @@ def run_source(path: str | os.PathLike[str], num_images: int | None, options: Sa
         )
     # top-level files: config.json and the weights sampled from (model/ema.safetensors)
     listing = _file_listing(sorted(p for p in path.iterdir() if p.is_file()), path)
-    opts = {
-        "sampler": options.sampler,
-        "steps": options.steps,
-        "guidance": options.guidance,
-        "seed": options.seed,
-    }
     samples: list[np.ndarray] = []
 
     def load(start: int, stop: int) -> list[np.ndarray]:
@@ -214,33 +193,23 @@ def run_source(path: str | os.PathLike[str], num_images: int | None, options: Sa
             samples.append(sample_run(path, num_images, options))
         return list(samples[0][start:stop])
 
-    shown = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None)
+    shown = ", ".join(f"{k}={v}" for k, v in options.changes().items())
     return ImageSource(
-        description=f"run {str(path)!r} ({num_images} samples, {shown})",
-        fingerprint="run:" + _sha256_json([os.path.realpath(path), listing, num_images, opts]),
+        description=f"run {str(path)!r} ({num_images} samples{', ' + shown if shown else ''})",
+        fingerprint="run:" + sha256_json([os.path.realpath(path), listing, num_images, options.to_dict()]),
         count=num_images,
         load=load,
         cacheable=False,
     )
 
 
-def sample_run(path: Path, num_images: int, options: SamplingOptions) -> np.ndarray:
-    """Sample a run through ``difforge.pipeline.Pipeline`` -> uint8 (N, H, W, C)."""
-    try:
-        from difforge.pipeline import Pipeline
-    except ImportError as exc:
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "difforge.pipeline":
-            raise DifforgeError(
-                "sampling runs for FID is not available yet (difforge.pipeline is missing); "
-                "save samples to a folder and pass the folder instead"
-            ) from None
-        raise
+def sample_run(path: Path, num_images: int, options: SampleConfig) -> np.ndarray:
+    """Sample a run through `difforge.pipeline.Pipeline` -> uint8 (N, H, W, C); the settings
+    that differ from `SampleConfig`'s defaults are passed, the rest are the pipeline's."""
+    from difforge.pipeline import Pipeline
+
     pipe = Pipeline.from_run(path)
-    chosen = {"sampler": options.sampler, "steps": options.steps, "guidance": options.guidance}
-    # options left unset keep the pipeline's own defaults
-    kwargs = {k: v for k, v in chosen.items() if v is not None}
-    images = pipe(num_images=num_images, seed=options.seed, **kwargs)
-    images = np.asarray(images)
+    images = np.asarray(pipe(num_images=num_images, **options.changes()))
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != num_images:
         raise DifforgeError(
             f"the pipeline returned {images.dtype} {images.shape}, expected uint8 ({num_images}, H, W, C)"
@@ -249,10 +218,10 @@ def sample_run(path: Path, num_images: int, options: SamplingOptions) -> np.ndar
 
 
 def open_input(
-    spec: str, num_images: int | None = None, sampling: SamplingOptions | None = None
+    spec: str, num_images: int | None = None, sampling: SampleConfig | None = None
 ) -> ImageSource | FeatureStats:
     """Resolve a command-line input (see the module docstring) to stats or an image source."""
-    sampling = sampling or SamplingOptions()
+    sampling = sampling or SampleConfig()
     for prefix in ("folder:", "run:"):
         if spec.startswith(prefix):
             target = spec[len(prefix) :]
@@ -274,124 +243,4 @@ def open_input(
     raise DifforgeError(
         f"{spec!r} is not a folder, a run directory, an .npz statistics file or a built-in "
         f"dataset ({', '.join(BUILTIN_DATASETS)}; slices like mnist[:2500] work)"
-    )
-
-
-def extract_features(
-    source: ImageSource,
-    extractor: InceptionFeatureExtractor,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> np.ndarray:
-    """Features (n, 2048) float32 of every readable image of ``source``, with a progress bar.
-
-    Raises `DifforgeError` with the minimum when fewer than `MIN_SAMPLES` images (after
-    skipping unreadable ones) remain.
-    """
-    from tqdm import tqdm
-
-    check_count(source)
-    chunks: list[np.ndarray] = []
-    bar = tqdm(
-        total=source.count,
-        unit="img",
-        desc=f"Inception {source.description}",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    with bar:
-        for consumed, images in source.batches(batch_size):
-            if images:
-                chunks.append(extractor(images))
-            bar.update(consumed)
-            if source.skipped:
-                bar.set_postfix(skipped=len(source.skipped))
-    n = sum(c.shape[0] for c in chunks)
-    if n < MIN_SAMPLES:
-        raise DifforgeError(
-            f"{source.description}: only {n} readable image(s) ({len(source.skipped)} "
-            f"unreadable skipped); FID needs at least {MIN_SAMPLES}"
-        )
-    return np.concatenate(chunks)
-
-
-def check_count(source: ImageSource) -> None:
-    """Raise `DifforgeError` naming the minimum when ``source`` has too few images."""
-    if source.count < MIN_SAMPLES:
-        raise DifforgeError(
-            f"{source.description} has {source.count} image(s); FID needs at least "
-            f"{MIN_SAMPLES} (and 2048 or more for values comparable with papers)"
-        )
-
-
-NETWORK_IDENTITY = (WEIGHTS_SHA256, INCEPTION_SIZE, PREPROCESSING)
-"""(network hash, resolution, preprocessing) every `InceptionFeatureExtractor` reports."""
-
-
-def stats_cache_path(source: ImageSource) -> Path:
-    """``<cache>/fid/stats/<sha256(fingerprint, network, resolution, preprocessing)>.npz``."""
-    key = _sha256_json([source.fingerprint, *NETWORK_IDENTITY])
-    return default_cache_dir() / "fid" / "stats" / f"{key}.npz"
-
-
-def compute_stats(
-    source: ImageSource,
-    extractor: InceptionFeatureExtractor | Callable[[], InceptionFeatureExtractor],
-    batch_size: int = 16,
-    progress: bool = True,
-    use_cache: bool = False,
-) -> FeatureStats:
-    """Features -> `FeatureStats` (with features kept) of ``source``.
-
-    ``extractor``: the network, or a zero-argument callable returning it, called only when
-    features must actually be computed (not for a too-small source or a cache hit).
-    ``use_cache``: reuse / write `stats_cache_path` for cacheable sources (folders,
-    built-ins); a cached file is used only if its fingerprint and network match.
-    """
-    check_count(source)
-    cache_path = stats_cache_path(source) if use_cache and source.cacheable else None
-    if cache_path is not None and cache_path.is_file():
-        try:
-            cached = FeatureStats.load(cache_path)
-        except DifforgeError:
-            cached = None
-        if cached is not None and matches(cached, source):
-            return cached
-    if not isinstance(extractor, InceptionFeatureExtractor):
-        extractor = extractor()
-    start = time.perf_counter()
-    features = extract_features(source, extractor, batch_size, progress)
-    stats = FeatureStats.from_features(
-        features,
-        fingerprint=source.fingerprint,
-        network=extractor.network_hash,
-        resolution=extractor.resolution,
-        preprocessing=extractor.preprocessing,
-        source=source.description,
-    )
-    if progress:
-        seconds = time.perf_counter() - start
-        print(
-            f"{source.description}: {features.shape[0]} images in {seconds:.1f} s "
-            f"({features.shape[0] / max(seconds, 1e-9):.1f} images/s)",
-            file=sys.stderr,
-        )
-    if source.skipped:
-        first = source.skipped[0]
-        print(
-            f"{source.description}: skipped {len(source.skipped)} unreadable image(s), "
-            f"first {first[0]!r}: {first[1]}",
-            file=sys.stderr,
-        )
-    if cache_path is not None and not source.skipped:
-        stats.save(cache_path, keep_features=True)
-    return stats
-
-
-def matches(stats: FeatureStats, source: ImageSource) -> bool:
-    """Whether ``stats`` were computed from ``source`` with the standard network."""
-    return (
-        stats.fingerprint == source.fingerprint
-        and (stats.network, stats.resolution, stats.preprocessing) == NETWORK_IDENTITY
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from difforge.errors import DifforgeError
 
@@ -78,6 +78,9 @@ class UNetConfig:
             memory, costs about one extra forward).
         channels_last: Run in NHWC memory format (faster with oneDNN on CPU and on tensor cores).
     """
+
+    kind: ClassVar[str] = "unet"
+    """The model kind in a run's config.json (see `difforge.runs.models`)."""
 
     image_size: int = 32
     in_channels: int = 3

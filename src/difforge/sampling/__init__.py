@@ -1,16 +1,31 @@
-"""Samplers as plain functions (see `difforge.sampling.samplers`) and one dispatcher."""
+"""Sampling: samplers as plain functions (`difforge.sampling.samplers`), their registry
+(`difforge.sampling.registry`), the settings (`SampleConfig`) and two dispatchers:
+
+- `sample`: a registered sampler by name on given starting noise;
+- `generate`: noise from a generator, the conditioning dict and classifier-free guidance.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
-from difforge.diffusion import Denoiser, GaussianDiffusion
+from difforge.diffusion import Denoiser
 from difforge.errors import DifforgeError
+from difforge.sampling.config import GUIDED_DEFAULT, SampleConfig
 from difforge.sampling.guidance import classifier_free_guidance
+from difforge.sampling.registry import (
+    SAMPLERS,
+    SPACINGS,
+    SamplerEntry,
+    get_sampler,
+    model_evaluations,
+    noise_levels,
+    register_sampler,
+    sampler_names,
+)
 from difforge.sampling.samplers import (
     Callback,
     DiscreteDenoiser,
@@ -26,112 +41,89 @@ from difforge.sampling.samplers import (
     uniform_timesteps,
 )
 
-SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
-SPACINGS: tuple[str, ...] = ("uniform", "logsnr", "karras")
-_ODE_SAMPLERS = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m}
-
-
-def model_evaluations(sampler: str, steps: int) -> int:
-    """Number of network evaluations (NFE) of ``steps`` steps (before guidance doubling)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
-
-
-def noise_levels(diffusion: GaussianDiffusion, steps: int, spacing: str) -> np.ndarray:
-    """(steps + 1,) decreasing noise levels ending in 0 for the ODE samplers."""
-    if spacing == "karras":
-        return karras_sigmas(diffusion, steps)
-    if spacing == "logsnr":
-        return logsnr_sigmas(diffusion, steps)
-    if spacing == "uniform":
-        return sigmas_for_timesteps(
-            diffusion, diffusion.schedule.timestep_map[uniform_timesteps(diffusion.num_timesteps, steps)]
-        )
-    raise DifforgeError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
+SAMPLER_NAMES: tuple[str, ...] = sampler_names()
+"""The built-in samplers (`sampler_names()` also lists those registered later)."""
 
 
 def sample(
     model: Denoiser,
-    diffusion: GaussianDiffusion,
+    process: Any,
     noise: torch.Tensor,
+    config: SampleConfig | None = None,
     *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
-    eta: float = 0.0,
-    spacing: str = "karras",
     model_kwargs: Mapping[str, Any] | None = None,
-    clip_denoised: bool = True,
-    dynamic_threshold: float | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    **settings: Any,
 ) -> torch.Tensor:
-    """Run a sampler by name: (B, C, H, W) unit noise -> (B, C, H, W) samples in about [-1, 1].
+    """Run a registered sampler: (B, C, H, W) unit noise -> (B, C, H, W) samples in about [-1, 1].
 
-    ``ddpm`` and ``ddim`` respace the chain to ``steps`` evenly spread steps (IDDPM's rule);
-    ``euler``, ``heun`` and ``dpmpp_2m`` integrate the ODE over ``steps`` noise levels spaced
-    by ``spacing`` (uniform in t, uniform in log-SNR, or Karras et al.'s rho = 7).
+    ``config`` (default `SampleConfig()`) with ``settings`` (its field names: ``sampler``,
+    ``steps``, ``eta``, ``spacing``, ``clip``, ``dynamic_threshold``) applied on top; the
+    ``clip_denoised`` keyword is accepted as ``clip``. Guidance and the seed are `generate`'s
+    business. For the Gaussian process ``ddpm`` and ``ddim`` respace the chain to ``steps``
+    evenly spread steps (IDDPM's rule); ``euler``, ``heun`` and ``dpmpp_2m`` integrate the
+    ODE over ``steps`` noise levels spaced by ``spacing`` (uniform in t, uniform in log-SNR,
+    or Karras et al.'s rho = 7).
     """
-    if sampler not in SAMPLER_NAMES:
-        raise DifforgeError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}; got {sampler!r}")
-    total = diffusion.num_timesteps
-    if not isinstance(steps, int) or not 1 <= steps <= total:
-        raise DifforgeError(f"steps must be an integer in 1..{total} for this model; got {steps!r}")
-    options: dict[str, Any] = {
-        "model_kwargs": model_kwargs,
-        "clip_denoised": clip_denoised,
-        "dynamic_threshold": dynamic_threshold,
-    }
-    if sampler in ("ddpm", "ddim"):
-        timesteps = diffusion.schedule.timesteps(str(steps))
-        if sampler == "ddim":
-            return ddim(
-                model, diffusion, noise, timesteps, eta=eta, generator=generator, callback=callback, **options
-            )
-        return ddpm(model, diffusion, noise, timesteps, generator=generator, callback=callback, **options)
-    sigmas = noise_levels(diffusion, steps, spacing)
-    return _ODE_SAMPLERS[sampler](model, diffusion, noise, sigmas, callback=callback, **options)
+    if "clip_denoised" in settings:
+        settings["clip"] = settings.pop("clip_denoised")
+    config = (config or SampleConfig()).updated(**settings).validate(process.kind)
+    entry = get_sampler(config.sampler_for(process.default_sampler), process.kind)
+    total = process.num_timesteps
+    if not 1 <= config.steps <= total:
+        raise DifforgeError(f"steps must be an integer in 1..{total} for this model; got {config.steps!r}")
+    return entry.run(
+        model, process, noise, config, model_kwargs=model_kwargs, generator=generator, callback=callback
+    )
 
 
 def generate(
     model: Denoiser,
-    diffusion: GaussianDiffusion,
+    process: Any,
     shape: tuple[int, ...],
+    config: SampleConfig | None = None,
     *,
-    class_labels: torch.Tensor | None = None,
-    null_label: int | float | None = None,
-    guidance: float = 1.0,
-    image_cond: torch.Tensor | None = None,
+    cond: Mapping[str, torch.Tensor] | None = None,
+    null_cond: Mapping[str, Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | float | int]
+    | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    **sample_options: Any,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Draw unit noise of ``shape`` from ``generator`` and run `sample` on it, with class labels
-    (``class_labels`` keyword of the model), an optional image condition and classifier-free
-    guidance of weight ``guidance`` against ``null_label``.
+    """Draw unit noise of ``shape`` from ``generator`` and run `sample` on it with the
+    conditioning dict ``cond`` (model keywords, e.g. ``class_labels``, ``image_cond``) and
+    classifier-free guidance against ``null_cond`` (key -> null maker or value, see
+    `difforge.conditioning.null_conditions`) at ``config.guidance_for(bool(null_cond))``.
 
     Returns (B, C, H, W) samples on ``device``.
     """
+    config = config or SampleConfig()
     gen_device = generator.device if generator is not None else torch.device(device)
     noise = torch.randn(shape, generator=generator, device=gen_device).to(device)
-    model_kwargs: dict[str, Any] = {}
-    if class_labels is not None:
-        model_kwargs["class_labels"] = class_labels.to(device)
-    if image_cond is not None:
-        model_kwargs["image_cond"] = image_cond.to(device)
+    model_kwargs = {key: value.to(device) for key, value in (cond or {}).items()}
     denoiser = model
+    guidance = config.guidance_for(bool(null_cond) and bool(model_kwargs))
     if guidance != 1.0:
-        if class_labels is None or null_label is None:
-            raise DifforgeError("guidance needs class labels and a model trained with a null label")
-        denoiser = classifier_free_guidance(model, guidance, {"class_labels": null_label})
+        if not null_cond or not model_kwargs:
+            raise DifforgeError(
+                "guidance needs a condition and a model trained with its null (label dropout)"
+            )
+        denoiser = classifier_free_guidance(model, guidance, null_cond)
     return sample(
-        denoiser, diffusion, noise, model_kwargs=model_kwargs, generator=generator, **sample_options
+        denoiser, process, noise, config, model_kwargs=model_kwargs, generator=generator, callback=callback
     )
 
 
 __all__ = [
+    "GUIDED_DEFAULT",
+    "SAMPLERS",
     "SAMPLER_NAMES",
     "SPACINGS",
     "Callback",
     "DiscreteDenoiser",
+    "SampleConfig",
+    "SamplerEntry",
     "StepInfo",
     "classifier_free_guidance",
     "ddim",
@@ -139,12 +131,15 @@ __all__ = [
     "dpmpp_2m",
     "euler",
     "generate",
+    "get_sampler",
     "heun",
     "karras_sigmas",
     "logsnr_sigmas",
     "model_evaluations",
     "noise_levels",
+    "register_sampler",
     "sample",
+    "sampler_names",
     "sigmas_for_timesteps",
     "uniform_timesteps",
 ]

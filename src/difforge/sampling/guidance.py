@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from difforge.diffusion import Denoiser
 
+NullCondition = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | float | int
+"""A null condition: a function of the batch's condition (`Condition.null_like`), a scalar
+that fills, or a tensor that broadcasts."""
 
-def _null_like(value: torch.Tensor, null: torch.Tensor | float | int) -> torch.Tensor:
-    """The null condition for a batch of conditions: a scalar fills, a tensor broadcasts."""
+
+def _null_like(value: torch.Tensor, null: NullCondition) -> torch.Tensor:
+    """The null condition for a batch of conditions."""
+    if callable(null):
+        return null(value)
     null = torch.as_tensor(null, device=value.device)
     if null.ndim == 0:
         return torch.full_like(value, null.item())
@@ -19,7 +25,7 @@ def _null_like(value: torch.Tensor, null: torch.Tensor | float | int) -> torch.T
 
 
 def classifier_free_guidance(
-    model: Denoiser, scale: float, null_condition: Mapping[str, torch.Tensor | float | int]
+    model: Denoiser, scale: float, null_condition: Mapping[str, NullCondition]
 ) -> Denoiser:
     """A denoiser that returns uncond + w (cond - uncond) on the prediction.
 
@@ -27,8 +33,9 @@ def classifier_free_guidance(
         model: ``model(x, t, **kwargs) -> output``, (B, C, ...) or (B, 2C, ...) with learned
             variance channels after the prediction.
         scale: the guidance weight w (0 = unconditional, 1 = conditional, > 1 = guided).
-        null_condition: for each keyword that is dropped, its null value: a scalar (e.g. the
-            null class index, or 0 for multi-hot labels) or a tensor broadcast to the batch.
+        null_condition: for each keyword that is dropped, its null: a function of the batch's
+            value (`difforge.conditioning.null_conditions`), a scalar (e.g. the null class
+            index, or 0 for multi-hot labels) or a tensor broadcast to the batch.
             Keywords not named here (an image condition, say) are kept in both branches.
 
     The conditional and null branches run as ONE forward of batch 2B. With learned-range

@@ -1,5 +1,5 @@
-"""Training: settings (`TrainConfig`, `RunConfig`), the `Trainer`, and `prepare_run`, which
-turns settings into a model, a process and a dataset."""
+"""Training: the `Trainer`, and `prepare_run`, which turns settings into a model, a process
+and a dataset. The run's settings themselves live in `difforge.runs.config`."""
 
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ from typing import Any
 import torch
 
 from difforge.data import ImageDataset, load_dataset
-from difforge.diffusion import DiffusionConfig, GaussianDiffusion
-from difforge.nn import UNet, UNetConfig
-from difforge.training.config import DataInfo, RunConfig, TrainConfig
-from difforge.training.trainer import DistributedContext, Trainer, default_steps, resolve_device
+from difforge.nn import UNetConfig
+from difforge.process import Process, ProcessConfig
+from difforge.runs.config import DataInfo, RunConfig, TrainConfig, conditioning_of
+from difforge.runs.models import build_model
+from difforge.training.batches import DistributedContext
+from difforge.training.trainer import Trainer, default_steps
 
 DEFAULT_IMAGE_SIZE = 32
 
 
 def prepare_run(
-    train: TrainConfig, diffusion: DiffusionConfig, model_overrides: dict[str, Any] | None = None
-) -> tuple[UNet, GaussianDiffusion, ImageDataset, RunConfig]:
+    train: TrainConfig, process: ProcessConfig, model_overrides: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, Process, ImageDataset, RunConfig]:
     """Open the data, then build the U-Net (preset + overrides, sized to the data: image
-    size, channels, classes, learned-variance outputs) and the process, seeded by
-    ``train.seed``. Returns (model, diffusion, dataset, run config)."""
+    size, channels, classes, and what the process needs, e.g. learned-variance outputs) and
+    the process, seeded by ``train.seed``. Returns (model, process, dataset, run config)."""
     train.validate()
     dataset = load_dataset(
         train.data,
@@ -38,13 +40,10 @@ def prepare_run(
         "image_size": dataset.image_size,
         "in_channels": dataset.channels,
         "num_classes": num_classes,
-        "learn_sigma": diffusion.variance == "learned_range",
+        **process.model_settings(),
         **(model_overrides or {}),
     }
     model_config = UNetConfig.preset(train.preset, **overrides)
-    process = diffusion.build()
-    torch.manual_seed(train.seed)
-    model = UNet(model_config)
     data_info = DataInfo(
         source=dataset.source,
         class_names=list(dataset.class_names) if num_classes else [],
@@ -53,7 +52,12 @@ def prepare_run(
         skipped=len(dataset.skipped),
         attribution=getattr(dataset, "attribution", "") or "",
     )
-    return model, process, dataset, RunConfig(model_config, diffusion, train, data_info)
+    run_config = RunConfig(
+        model_config, process, train, data_info, conditioning=conditioning_of(model_config)
+    )
+    built = process.build()
+    torch.manual_seed(train.seed)
+    return build_model(run_config), built, dataset, run_config
 
 
 __all__ = [
@@ -64,5 +68,4 @@ __all__ = [
     "Trainer",
     "default_steps",
     "prepare_run",
-    "resolve_device",
 ]

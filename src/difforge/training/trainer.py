@@ -1,176 +1,61 @@
 """The training loop: AdamW, warm-up, clipping, EMA, accumulation, mixed precision,
-label dropout, importance-sampled timesteps, previews, crash-safe checkpoints, resume, DDP.
+classifier-free condition dropout, importance-sampled timesteps, previews, crash-safe
+checkpoints, resume, DDP — over any `difforge.process.Process` and any model kind.
 
 Determinism: every random draw comes from a source whose state is checkpointed — the data
 order from (seed, epoch), each item's augmentation from (seed, epoch, position), noise,
-timesteps and label dropout from the trainer's generator, dropout from torch's global RNG —
-so on CPU a run that is interrupted and resumed ends with the same weights as one that
-never stopped.
+timesteps and condition dropout from the trainer's generator, dropout from torch's global
+RNG — so on CPU a run that is interrupted and resumed ends with the same weights as one
+that never stopped.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from difforge.diffusion import GaussianDiffusion
+from difforge.conditioning import ConditionContext, build_conditions, prepare_conditions
 from difforge.errors import DifforgeError
-from difforge.images import make_grid, save_png, to_uint8
-from difforge.sampling import StepInfo, generate
-from difforge.timestep_sampling import UniformTimestepSampler, make_timestep_sampler
+from difforge.process import Process
+from difforge.runs.config import CONFIG_FILE, RunConfig, TrainConfig
+from difforge.runs.storage import checkpoint_dirs, write_bytes_atomic, write_checkpoint
+from difforge.sampling import get_sampler
+from difforge.timestep_sampling import UniformTimestepSampler
 from difforge.training.allocator import keep_freed_memory
-from difforge.training.checkpoint import (
-    checkpoint_dirs,
-    encode_json,
-    flatten_optimizer_state,
-    load_metadata,
-    load_tensors,
-    unflatten_optimizer_state,
-    write_bytes_atomic,
-    write_checkpoint,
-)
-from difforge.training.config import CONFIG_FILE, RunConfig, TrainConfig
+from difforge.training.batches import DistributedContext, EpochBatchSampler, SeededItems
+from difforge.training.ema import EMA
+from difforge.training.previews import write_preview
+from difforge.training.state import pack_trainer_state, restore_trainer_state
 
-
-@dataclass
-class DistributedContext:
-    """Rank and world size; world 1 when not launched by torchrun."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-# ---- data order ----------------------------------------------------------------------------
-
-
-class _SeededItems(Dataset):
-    """Wraps a dataset so that item (index, seed) is made under torch.manual_seed(seed):
-    random crops and flips then depend on the position in the run, not on the worker or
-    on what came before, which makes resumed runs identical."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
-
-
-class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, item seed) for one epoch of one rank, from batch ``start`` on.
-
-    The epoch's permutation comes from (seed, epoch); rank r takes every world-th index
-    (the permutation is padded by wrapping so that every rank gets as many)."""
-
-    def __init__(
-        self, size: int, batch_size: int, seed: int, epoch: int, start: int, ctx: DistributedContext
-    ):
-        self.size, self.batch_size, self.seed, self.epoch, self.start = size, batch_size, seed, epoch, start
-        self.ctx = ctx
-
-    @staticmethod
-    def batches_per_epoch(size: int, batch_size: int, world_size: int) -> int:
-        per_rank = math.ceil(size / world_size)
-        return max(1, per_rank // batch_size)
-
-    def _indices(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        per_rank = math.ceil(self.size / self.ctx.world_size)
-        order = (order * (1 + (per_rank * self.ctx.world_size) // max(1, self.size)))[
-            : per_rank * self.ctx.world_size
-        ]
-        return order[self.ctx.rank :: self.ctx.world_size]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        indices = self._indices()
-        batch = min(self.batch_size, len(indices))
-        count = self.batches_per_epoch(self.size, self.batch_size, self.ctx.world_size)
-        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-        for b in range(self.start, count):
-            chunk = indices[b * batch : (b + 1) * batch]
-            yield [(i, (base + b * batch + k) % (2**63 - 1)) for k, i in enumerate(chunk)]
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch(self.size, self.batch_size, self.ctx.world_size) - self.start
-
-
-# ---- EMA -------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of a model's weights (a full copy used for sampling).
-
-    theta_ema <- d theta_ema + (1 - d) theta, with d = min(decay, (1 + n) / (10 + n)) after
-    n updates (warm-up, so early averages are not dominated by the random initialisation)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
-        self.updates += 1
-
-
-# ---- the trainer -----------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DifforgeError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DifforgeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise DifforgeError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return device
+Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor]]
+"""What the data loader yields: images (B, C, H, W) in [-1, 1] and the cond dict."""
+PreviewCallback = Callable[["Trainer"], "Path | None"]
 
 
 class Trainer:
-    """Trains ``model`` on ``dataset`` under ``diffusion`` and writes the run to ``run_dir``.
+    """Trains ``model`` on ``dataset`` under ``process`` and writes the run to ``run_dir``.
 
-    The dataset yields (image (C, H, W) in [-1, 1], label) with label -1 when unlabelled.
-    ``run_config`` is written as config.json; on ``resume`` the newest checkpoint is loaded.
+    The dataset yields ``(image (C, H, W) in [-1, 1], cond)`` with ``cond`` a dict of
+    tensors keyed by condition kind (`difforge.conditioning`); the run's
+    ``run_config.conditioning`` says which of them the model takes. ``run_config`` is
+    written as config.json; on ``resume`` the newest checkpoint is loaded. ``preview`` is
+    the callback that makes the sample grid (`difforge.training.previews.write_preview`).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        diffusion: GaussianDiffusion,
+        process: Process,
         dataset: Dataset,
         run_config: RunConfig,
         run_dir: str | Path,
@@ -178,6 +63,7 @@ class Trainer:
         device: torch.device,
         ctx: DistributedContext | None = None,
         progress: bool = True,
+        preview: PreviewCallback = write_preview,
     ) -> None:
         self.config: TrainConfig = run_config.train
         self.config.validate()
@@ -186,9 +72,20 @@ class Trainer:
         self.ctx = ctx or DistributedContext()
         self.device = device
         self.progress = progress and self.ctx.is_main
-        self.diffusion = diffusion
+        self.process = process
         self.dataset = dataset
-        self.num_classes = run_config.model.num_classes if self.config.conditional else 0
+        self.conditions = build_conditions(
+            run_config.conditioning or [],
+            ConditionContext(num_classes=getattr(run_config.model, "num_classes", 0)),
+        )
+        self.image_shape = (
+            run_config.model.in_channels,
+            run_config.model.image_size,
+            run_config.model.image_size,
+        )
+        self.preview_callback = preview
+        if self.config.preview_sampler is not None:
+            get_sampler(self.config.preview_sampler, process.kind)
         self.model = model.to(device)
         self.ema = EMA(self.model, self.config.ema_decay)
         # foreach AdamW, not fused: with fused=True on CPU a resumed run no longer matches an
@@ -198,9 +95,7 @@ class Trainer:
         )
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.timestep_sampler: UniformTimestepSampler = make_timestep_sampler(
-            self.config.timestep_sampler, diffusion.num_timesteps
-        )
+        self.timestep_sampler: UniformTimestepSampler = process.timestep_sampler(self.config.timestep_sampler)
         self.generator = torch.Generator(device=device).manual_seed(self.config.seed + 7919 * self.ctx.rank)
         self.step = 0
         self.epoch = 0
@@ -244,9 +139,9 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self) -> Iterator[Batch]:
         """Endless stream of batches from the current (epoch, batch) position on."""
-        items = _SeededItems(self.dataset)
+        items = SeededItems(self.dataset)
         while True:
             sampler = EpochBatchSampler(
                 len(self.dataset),  # type: ignore[arg-type]
@@ -263,52 +158,47 @@ class Trainer:
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=False,
             )
-            for images, labels in loader:
+            for images, cond in loader:
                 self.batch_in_epoch += 1
-                yield images, labels
+                yield images, cond
             self.epoch += 1
             self.batch_in_epoch = 0
 
     # ---- one optimizer step --------------------------------------------------------------
 
-    def _model_kwargs(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.num_classes == 0:
-            return {}
-        labels = labels.to(self.device, non_blocking=True).long()
-        null = torch.full_like(labels, self.num_classes)
-        labels = torch.where(labels < 0, null, labels)
-        if self.config.p_uncond > 0:
-            drop = (
-                torch.rand(labels.shape, generator=self.generator, device=self.device) < self.config.p_uncond
-            )
-            labels = torch.where(drop, null, labels)
-        return {"class_labels": labels}
-
-    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's scalars as
-        0-d tensors on the device (read them only when logging: reading forces a GPU sync)."""
+        0-d tensors on the device (read them only when logging: reading forces a GPU sync):
+        ``loss`` and every other term the process returns, averaged, then ``grad_norm``, ``lr``."""
         self.ddp_model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        totals = {key: torch.zeros((), device=self.device) for key in ("loss", "mse", "vb")}
+        totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
         images_in_step = 0
         accum = self.config.grad_accum
         for micro in range(accum):
-            images, labels = next(batches)
+            images, cond = next(batches)
             x0 = images.to(self.device, non_blocking=True)
             batch = x0.shape[0]
             t, weights = self.timestep_sampler.sample(batch, self.device, self.generator)
             noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
-            kwargs = self._model_kwargs(labels)
+            kwargs = prepare_conditions(
+                cond,
+                self.conditions,
+                p_uncond=self.config.p_uncond,
+                generator=self.generator,
+                device=self.device,
+            )
             sync = micro == accum - 1 or self.ctx.world_size == 1
             no_sync = getattr(self.ddp_model, "no_sync", None)
             with nullcontext() if sync or no_sync is None else no_sync(), self._autocast():
-                terms = self.diffusion.training_losses(self.ddp_model, x0, t, noise, kwargs)
+                terms = self.process.training_losses(self.ddp_model, x0, t, noise, kwargs)
                 loss = (terms["loss"].float() * weights).mean() / accum
             self.scaler.scale(loss).backward()
             self._update_timestep_sampler(t, terms["loss"].detach())
-            for key in totals:
-                totals[key] += terms[key].detach().float().mean() / accum
+            for key, value in terms.items():
+                mean = value.detach().float().mean() / accum
+                totals[key] = totals[key] + mean if key in totals else mean
             images_in_step += batch
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -399,12 +289,13 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
         if bar is not None:
             bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_s']:.0f}")
-        writer = self._tensorboard()
+        writer = self.tensorboard()
         if writer is not None:
             for key, value in logged.items():
                 writer.add_scalar(f"train/{key}", value, self.step)
 
-    def _tensorboard(self) -> Any:
+    def tensorboard(self) -> Any:
+        """The TensorBoard writer (rank 0, when enabled and installed), else None."""
         if not self.config.tensorboard or not self.ctx.is_main:
             return None
         if self._writer is None:
@@ -421,83 +312,9 @@ class Trainer:
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         return self._writer
 
-    # ---- previews ------------------------------------------------------------------------
-
-    @torch.no_grad()
     def preview(self) -> Path | None:
-        """Sample a grid (one column per class for labelled data) with the EMA weights, and a
-        denoising strip (x_t above predicted x0, across the steps) of its first images."""
-        if not self.ctx.is_main:
-            return None
-        config = self.config
-        count = config.preview_images
-        labels = None
-        if self.num_classes > 0:
-            columns = min(self.num_classes, count)
-            labels = torch.arange(count, device=self.device) % self.num_classes
-        else:
-            columns = None
-        frames: list[tuple[torch.Tensor, torch.Tensor]] = []
-        total_steps = config.preview_steps
-
-        def keep(info: StepInfo) -> None:
-            if info.index % max(1, info.total // 8) == 0 or info.index == info.total - 1:
-                frames.append((info.x[:4].clone(), info.pred_x0[:4].clone()))
-
-        model = self.ema.model
-        channels = self.run_config.model.in_channels
-        size = self.run_config.model.image_size
-        samples = generate(
-            model,
-            self.diffusion,
-            (count, channels, size, size),
-            class_labels=labels,
-            null_label=self.num_classes if self.num_classes else None,
-            guidance=1.0,
-            sampler=config.preview_sampler,
-            steps=min(total_steps, self.diffusion.num_timesteps),
-            generator=torch.Generator(device=self.device).manual_seed(config.seed),
-            callback=keep,
-            device=self.device,
-        )
-        grid = make_grid(to_uint8(samples), columns=columns)
-        path = save_png(self.run_dir / "samples" / f"step_{self.step:08d}.png", grid)
-        save_png(self.run_dir / "samples" / "latest.png", grid)
-        strip_rows = [torch.cat([x for x, _ in frames], dim=3), torch.cat([p for _, p in frames], dim=3)]
-        strip = make_grid(to_uint8(torch.cat(strip_rows, dim=0)), columns=1)
-        save_png(self.run_dir / "samples" / f"strip_{self.step:08d}.png", strip)
-        writer = self._tensorboard()
-        if writer is not None:
-            writer.add_image("samples", grid, self.step, dataformats="HWC")
-            writer.add_image("denoising", strip, self.step, dataformats="HWC")
-        return path
-
-    # ---- checkpoints ---------------------------------------------------------------------
-
-    def _trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        optim_tensors, optim_meta = flatten_optimizer_state(self.optimizer.state_dict())
-        tensors = dict(optim_tensors)
-        tensors["rng/torch_cpu"] = torch.get_rng_state()
-        tensors["rng/generator"] = self.generator.get_state()
-        if torch.cuda.is_available():
-            for index, state in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng/cuda_{index}"] = state
-        for key, value in self.timestep_sampler.state_dict().items():
-            tensors[f"timesteps/{key}"] = value
-        scaler_state = self.scaler.state_dict() if self.scaler.is_enabled() else {}
-        meta = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "images_seen": self.images_seen,
-            "ema_updates": self.ema.updates,
-            "optimizer": optim_meta,
-            "scaler": {k: v for k, v in scaler_state.items() if not isinstance(v, torch.Tensor)},
-        }
-        for key, value in scaler_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"scaler/{key}"] = value
-        return tensors, {"trainer": encode_json(meta), "format": "difforge-trainer-1"}
+        """Make the preview grid now (see `difforge.training.previews`)."""
+        return self.preview_callback(self)
 
     def write_config(self) -> None:
         """Write the run's config.json (rank 0)."""
@@ -514,7 +331,7 @@ class Trainer:
         files = {
             "model.safetensors": (self.model.state_dict(), weights_meta),
             "ema.safetensors": (self.ema.model.state_dict(), weights_meta),
-            "trainer.safetensors": self._trainer_state(),
+            "trainer.safetensors": pack_trainer_state(self),
         }
         return write_checkpoint(self.run_dir, self.step, files, self.config.keep_checkpoints)
 
@@ -523,39 +340,7 @@ class Trainer:
         found = checkpoint_dirs(self.run_dir)
         if not found:
             raise DifforgeError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        folder = found[-1]
-        model_state = load_tensors(folder / "model.safetensors")
-        ema_state = load_tensors(folder / "ema.safetensors")
-        trainer_path = folder / "trainer.safetensors"
-        tensors = load_tensors(trainer_path)
-        try:
-            meta = json.loads(load_metadata(trainer_path)["trainer"])
-            self.model.load_state_dict(model_state)
-            self.ema.model.load_state_dict(ema_state)
-            self.optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise DifforgeError(f"{folder} does not match this model or is damaged ({error})") from None
-        torch.set_rng_state(tensors["rng/torch_cpu"])
-        self.generator.set_state(tensors["rng/generator"])
-        if torch.cuda.is_available():
-            cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda_")]
-            if len(cuda_states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda_states)
-        self.timestep_sampler.load_state_dict(
-            {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("timesteps/")}
-        )
-        if self.scaler.is_enabled() and meta.get("scaler"):
-            scaler_state = dict(meta["scaler"])
-            scaler_state.update(
-                {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("scaler/")}
-            )
-            self.scaler.load_state_dict(scaler_state)
-        self.step = int(meta["step"])
-        self.epoch = int(meta["epoch"])
-        self.batch_in_epoch = int(meta["batch_in_epoch"])
-        self.images_seen = int(meta["images_seen"])
-        self.ema.updates = int(meta["ema_updates"])
-        return self.step
+        return restore_trainer_state(self, found[-1])
 
 
 DEFAULT_STEPS = {"tiny": 200, "mnist": 1500}

@@ -1,27 +1,24 @@
-"""Crash-safe checkpoints in safetensors: weights, EMA weights and the trainer state.
+"""Crash-safe files of a run in safetensors: weights, EMA weights, checkpoint folders.
 
 Layout of a run directory::
 
-    config.json                  every setting (see `difforge.training.config.RunConfig`)
+    config.json                  every setting (see `difforge.runs.config.RunConfig`)
     model.safetensors            latest raw weights      } copied from the newest checkpoint,
     ema.safetensors              latest EMA weights      } for sampling
     checkpoints/step_00001000/   model, ema, trainer.safetensors (the last K are kept)
 
 Every file is written to a temporary name, fsynced and renamed; a checkpoint folder is
 assembled under a temporary name and renamed as a whole, so a kill at any moment leaves
-the previous checkpoint intact. The trainer state holds tensors (optimizer moments, RNG
-states, importance-sampling history) as safetensors entries and everything else as JSON
-in the file's metadata: nothing is ever pickled.
+the previous checkpoint intact. Nothing is ever pickled (the trainer state's format is
+`difforge.training.state`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -96,33 +93,6 @@ def load_metadata(path: Path) -> dict[str, str]:
         raise DifforgeError(f"{path} is damaged or not a safetensors file ({error})") from None
 
 
-# ---- optimizer state without pickle --------------------------------------------------------
-
-
-def flatten_optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch optimizer ``state_dict()`` -> (tensors named ``optim/<param>/<key>``, JSON part)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for param_id, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{param_id}/{key}"] = value
-            else:
-                scalars.setdefault(str(param_id), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        if name.startswith("optim/"):
-            _, param_id, key = name.split("/", 2)
-            state.setdefault(int(param_id), {})[key] = tensor
-    for param_id, values in meta.get("scalars", {}).items():
-        state.setdefault(int(param_id), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 # ---- checkpoint folders ------------------------------------------------------------------
 
 
@@ -165,7 +135,3 @@ def write_checkpoint(
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def encode_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)

@@ -1,7 +1,9 @@
-"""Training settings and the run's ``config.json``: typed dataclasses, one source of defaults.
+"""A run's ``config.json``: typed dataclasses, one source of defaults.
 
-The CLI builds its flags and their defaults from `TrainConfig`, so a default lives here and
-nowhere else.
+`RunConfig` is the whole file: the model (by kind, `difforge.runs.models`), the process (by
+kind, `difforge.process`), the conditioning kinds (`difforge.conditioning`), the training
+settings (`TrainConfig`) and what the data was (`DataInfo`). The CLI builds its train flags
+and their defaults from `TrainConfig`, so a default lives here and nowhere else.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from difforge import __version__
-from difforge.diffusion import DiffusionConfig
+from difforge.conditioning import ClassLabel, ImageCondition
 from difforge.errors import DifforgeError, dataclass_from_mapping
-from difforge.nn import UNetConfig
+from difforge.process import ProcessConfig, process_config_from_dict
+from difforge.runs.models import model_config_from_dict, model_config_to_dict
+from difforge.sampling import SampleConfig, sampler_names
 
 CONFIG_FILE = "config.json"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -50,7 +54,9 @@ class TrainConfig:
         keep_checkpoints: how many checkpoint folders to keep.
         num_workers: DataLoader worker processes.
         tensorboard: write TensorBoard events (needs the ``tensorboard`` package).
-        preview_images / preview_sampler / preview_steps: the sample grid made during training.
+        preview_images / preview_sampler / preview_steps: the sample grid made during training
+            (the sampler and steps default to `SampleConfig`'s; the other sampling settings
+            are `SampleConfig`'s defaults).
     """
 
     data: str = "mnist"
@@ -81,10 +87,11 @@ class TrainConfig:
     num_workers: int = 0
     tensorboard: bool = True
     preview_images: int = 40
-    preview_sampler: str = "dpmpp_2m"
-    preview_steps: int = 20
+    preview_sampler: str | None = SampleConfig.sampler
+    preview_steps: int = SampleConfig.steps
 
-    def validate(self) -> None:
+    def validate(self) -> TrainConfig:
+        """Raise a one-line DifforgeError naming the flag of a bad setting; returns self."""
         positive = ("batch_size", "grad_accum", "log_every", "preview_images", "preview_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -112,6 +119,15 @@ class TrainConfig:
             raise DifforgeError(f"--image-size must be >= 4, got {self.image_size}")
         if self.channels not in (None, 1, 3):
             raise DifforgeError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.preview_sampler is not None and self.preview_sampler not in sampler_names():
+            raise DifforgeError(
+                f"--preview-sampler must be one of {', '.join(sampler_names())}; got {self.preview_sampler!r}"
+            )
+        return self
+
+    def preview_sampling(self) -> SampleConfig:
+        """The sampling settings of the previews: the preview sampler and steps, the run's seed."""
+        return SampleConfig().updated(sampler=self.preview_sampler, steps=self.preview_steps, seed=self.seed)
 
 
 @dataclass
@@ -126,21 +142,43 @@ class DataInfo:
     attribution: str = ""
 
 
+def conditioning_of(model: Any) -> list[str]:
+    """The condition kinds a model config takes (for config files that do not list them)."""
+    kinds = []
+    if getattr(model, "num_classes", 0) and not getattr(model, "multi_label", False):
+        kinds.append(ClassLabel.key)
+    if getattr(model, "image_cond_channels", 0):
+        kinds.append(ImageCondition.key)
+    return kinds
+
+
 @dataclass
 class RunConfig:
-    """The whole of ``config.json``: model, process, training and data settings."""
+    """The whole of ``config.json``: model, process, conditioning, training and data settings.
 
-    model: UNetConfig
-    diffusion: DiffusionConfig
+    ``model`` is a model config of a registered kind (`UNetConfig` for ``unet``);
+    ``diffusion`` a process config of a registered kind (`DiffusionConfig` for
+    ``gaussian``); ``conditioning`` the condition kinds the model is trained with, in the
+    order the trainer drops them (``[]`` = unconditional).
+    """
+
+    model: Any
+    diffusion: ProcessConfig
     train: TrainConfig
     data: DataInfo
+    conditioning: list[str] | None = None
     difforge_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.conditioning is None:
+            self.conditioning = conditioning_of(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "difforge_version": self.difforge_version,
-            "model": self.model.to_dict(),
+            "model": model_config_to_dict(self.model),
             "diffusion": self.diffusion.to_dict(),
+            "conditioning": list(self.conditioning or []),
             "train": asdict(self.train),
             "data": asdict(self.data),
         }
@@ -150,18 +188,24 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = CONFIG_FILE) -> RunConfig:
-        expected = {"difforge_version", "model", "diffusion", "train", "data"}
+        expected = {"difforge_version", "model", "diffusion", "conditioning", "train", "data"}
         unknown = sorted(set(data) - expected)
-        missing = sorted(expected - set(data) - {"difforge_version"})
+        missing = sorted(expected - set(data) - {"difforge_version", "conditioning"})
         if unknown or missing:
             problem = f"unknown field(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
             raise DifforgeError(f"{source}: {problem} (written by another difforge version?)")
         try:
+            conditioning = data.get("conditioning")
+            if conditioning is not None and (
+                not isinstance(conditioning, list) or not all(isinstance(k, str) for k in conditioning)
+            ):
+                raise DifforgeError("'conditioning' must be a list of condition kinds")
             return cls(
-                model=UNetConfig.from_dict(data["model"]),
-                diffusion=DiffusionConfig.from_dict(data["diffusion"]),
+                model=model_config_from_dict(data["model"]),
+                diffusion=process_config_from_dict(data["diffusion"]),
                 train=dataclass_from_mapping(TrainConfig, data["train"], "'train' field(s)"),
                 data=dataclass_from_mapping(DataInfo, data["data"], "'data' field(s)"),
+                conditioning=conditioning,
                 difforge_version=str(data.get("difforge_version", "")),
             )
         except DifforgeError as error:

@@ -1,0 +1,147 @@
+"""`SampleConfig`: every sampling setting and its one default.
+
+The ``difforge sample`` flags are generated from its fields, and `Pipeline.__call__`, the
+trainer's previews, ``difforge eval`` and `difforge.sampling.sample` take their defaults
+from it, so a default lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from difforge.errors import DifforgeError, dataclass_from_mapping
+from difforge.flags import add_dataclass_flags, dataclass_values
+from difforge.sampling.registry import SPACINGS, get_sampler, sampler_names
+
+GUIDED_DEFAULT = 2.0
+"""The guidance scale used when none is given, for a model trained with label dropout.
+
+On the default MNIST run, DPM-Solver++ 20 steps: FID 74.9 at w = 1, 67.2 at w = 2 and
+65.7 at w = 3, the requested digit recognised in 89%, 99.4% and 99.8% of samples
+(docs/benchmarks.md, "guidance"); w = 2 takes nearly all of the gain while keeping the
+variety that higher scales trade away."""
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How images are drawn from a trained model.
+
+    Attributes:
+        sampler: a registered sampler (`difforge.sampling.registry`); None = the process's
+            ``default_sampler`` (dpmpp_2m for Gaussian diffusion).
+        steps: sampler steps K (NFE: K, or 2K - 1 for heun).
+        eta: DDIM's eta (0 = deterministic, 1 = DDPM's variance on the kept steps).
+        guidance: classifier-free guidance scale w (1 = off, 0 = unconditional); None =
+            `GUIDED_DEFAULT` for a model trained with condition dropout, 1 otherwise.
+        spacing: noise levels of the ODE samplers: uniform (in t), logsnr or karras.
+        clip: clamp each predicted x0 to [-1, 1].
+        dynamic_threshold: Imagen's dynamic thresholding percentile in (0, 1] (replaces the
+            clamp); None = off.
+        seed: seeds the starting noise and every stochastic step.
+        batch_size: images per forward pass.
+    """
+
+    sampler: str | None = None
+    steps: int = 20
+    eta: float = 0.0
+    guidance: float | None = None
+    spacing: str = "karras"
+    clip: bool = True
+    dynamic_threshold: float | None = None
+    seed: int = 0
+    batch_size: int = 64
+
+    def validate(self, process_kind: str | None = None) -> SampleConfig:
+        """Raise a one-line DifforgeError for a bad setting; returns self."""
+        if self.sampler is not None:
+            get_sampler(self.sampler, process_kind)
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise DifforgeError(f"--steps must be an integer >= 1, got {self.steps!r}")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise DifforgeError(f"--eta must be a finite number >= 0, got {self.eta!r}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise DifforgeError(f"--guidance must be a finite number >= 0, got {self.guidance!r}")
+        if self.spacing not in SPACINGS:
+            raise DifforgeError(f"--spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
+        if self.dynamic_threshold is not None and not 0.0 < self.dynamic_threshold <= 1.0:
+            raise DifforgeError(
+                f"--dynamic-threshold must be a percentile in (0, 1], got {self.dynamic_threshold!r}"
+            )
+        if self.batch_size < 1:
+            raise DifforgeError(f"--batch-size must be >= 1, got {self.batch_size}")
+        return self
+
+    def sampler_for(self, default_sampler: str) -> str:
+        """The sampler to run: this config's, or the process's default."""
+        return self.sampler if self.sampler is not None else default_sampler
+
+    def guidance_for(self, guidable: bool) -> float:
+        """The scale to use: this config's, or `GUIDED_DEFAULT` when the model has a null
+        condition to guide against (``guidable``), else 1."""
+        if self.guidance is not None:
+            return self.guidance
+        return GUIDED_DEFAULT if guidable else 1.0
+
+    def updated(self, **changes: Any) -> SampleConfig:
+        """A copy with the given fields changed; ``None`` values are left as they are."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise DifforgeError(
+                f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def changes(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (what a user chose)."""
+        default = SampleConfig()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SampleConfig:
+        return dataclass_from_mapping(cls, data, "sampling setting(s)")
+
+
+FLAG_HELP = {
+    "sampler": "sampler: {choices} (default: the process's own, dpmpp_2m for Gaussian diffusion)",
+    "steps": "sampler steps",
+    "eta": "DDIM eta: 0 deterministic",
+    "guidance": "classifier-free guidance scale w; 1 = off (default: {guided} for a model trained "
+    "with label dropout, else 1)",
+    "spacing": "noise levels of the ODE samplers: uniform, logsnr or karras",
+    "clip": "clamp each predicted x0 to [-1, 1]",
+    "dynamic_threshold": "Imagen's dynamic thresholding at this percentile, e.g. 0.995 (default: off)",
+    "seed": "random seed",
+    "batch_size": "images per forward pass",
+}
+"""Help of the flag of every `SampleConfig` field."""
+
+_DEST = "sampling."
+
+
+def add_sample_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, only: Sequence[str] | None = None
+) -> None:
+    """``--sampler``, ``--steps``, ... (or the fields in ``only``) with `SampleConfig`'s defaults."""
+    helps = {k: v for k, v in FLAG_HELP.items() if only is None or k in only}
+    if "sampler" in helps:
+        helps["sampler"] = helps["sampler"].format(choices=", ".join(sampler_names()))
+    if "guidance" in helps:
+        helps["guidance"] = helps["guidance"].format(guided=f"{GUIDED_DEFAULT:g}")
+    add_dataclass_flags(parser, SampleConfig, helps, _DEST)
+
+
+def sample_config_from_args(args: argparse.Namespace) -> SampleConfig:
+    """The validated `SampleConfig` of the flags `add_sample_flags` added."""
+    return SampleConfig(**dataclass_values(args, _DEST)).validate()

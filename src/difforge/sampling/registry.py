@@ -1,0 +1,210 @@
+"""The sampler registry: name -> (the pure sampler, its model evaluations for K steps, the
+process kinds it applies to, and the adapter that runs it from a `SampleConfig`).
+
+`difforge.sampling.sample`, the CLI's ``--sampler`` choices, ``difforge eval samplers``
+and every "unknown sampler" error read `SAMPLERS`. Adding a sampler is one pure function
+(in `difforge.sampling.samplers` or anywhere) plus one `register_sampler` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from difforge.diffusion import Denoiser, GaussianDiffusion
+from difforge.errors import DifforgeError
+from difforge.sampling.samplers import (
+    Callback,
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    euler,
+    heun,
+    karras_sigmas,
+    logsnr_sigmas,
+    sigmas_for_timesteps,
+    uniform_timesteps,
+)
+
+if TYPE_CHECKING:
+    from difforge.sampling.config import SampleConfig
+
+SPACINGS: tuple[str, ...] = ("uniform", "logsnr", "karras")
+
+Runner = Callable[..., torch.Tensor]
+"""``run(model, process, noise, config, *, model_kwargs, generator, callback) -> x0``."""
+
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    """One registered sampler.
+
+    Attributes:
+        name: what ``--sampler`` and ``sample(sampler=...)`` call it.
+        function: the pure sampler (``difforge.sampling.ddim`` etc.), for the researcher.
+        run: the adapter from a `SampleConfig` (steps, eta, spacing, clipping) to ``function``.
+        evaluations: model evaluations (NFE, before guidance doubling) of K steps.
+        processes: the process kinds (``Process.kind``) it applies to.
+        summary: one line for help texts and reports.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    run: Runner
+    evaluations: Callable[[int], int]
+    processes: tuple[str, ...]
+    summary: str = ""
+
+
+SAMPLERS: dict[str, SamplerEntry] = {}
+
+
+def register_sampler(
+    name: str,
+    function: Callable[..., torch.Tensor],
+    run: Runner,
+    *,
+    processes: tuple[str, ...],
+    evaluations: Callable[[int], int] = lambda steps: steps,
+    summary: str = "",
+) -> SamplerEntry:
+    """Add (or replace) a sampler; returns its entry."""
+    entry = SamplerEntry(name, function, run, evaluations, tuple(processes), summary)
+    SAMPLERS[name] = entry
+    return entry
+
+
+def sampler_names(process_kind: str | None = None) -> tuple[str, ...]:
+    """Registered samplers, all or those that apply to ``process_kind``."""
+    return tuple(n for n, e in SAMPLERS.items() if process_kind is None or process_kind in e.processes)
+
+
+def get_sampler(name: str, process_kind: str | None = None) -> SamplerEntry:
+    """The entry of ``name``; a one-line DifforgeError for an unknown or inapplicable name."""
+    entry = SAMPLERS.get(name)
+    if entry is None:
+        raise DifforgeError(f"sampler must be one of {', '.join(sampler_names())}; got {name!r}")
+    if process_kind is not None and process_kind not in entry.processes:
+        raise DifforgeError(
+            f"sampler {name!r} does not apply to a {process_kind!r} process; "
+            f"use one of {', '.join(sampler_names(process_kind))}"
+        )
+    return entry
+
+
+def model_evaluations(sampler: str, steps: int) -> int:
+    """Number of network evaluations (NFE) of ``steps`` steps (before guidance doubling)."""
+    return get_sampler(sampler).evaluations(steps)
+
+
+# ---- the built-in samplers of the Gaussian process ------------------------------------------
+
+
+def noise_levels(diffusion: GaussianDiffusion, steps: int, spacing: str) -> np.ndarray:
+    """(steps + 1,) decreasing noise levels ending in 0 for the ODE samplers."""
+    if spacing == "karras":
+        return karras_sigmas(diffusion, steps)
+    if spacing == "logsnr":
+        return logsnr_sigmas(diffusion, steps)
+    if spacing == "uniform":
+        return sigmas_for_timesteps(
+            diffusion, diffusion.schedule.timestep_map[uniform_timesteps(diffusion.num_timesteps, steps)]
+        )
+    raise DifforgeError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
+
+
+def _denoising_options(config: SampleConfig, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        "model_kwargs": model_kwargs,
+        "clip_denoised": config.clip,
+        "dynamic_threshold": config.dynamic_threshold,
+    }
+
+
+def _run_ddpm(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    config: SampleConfig,
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    timesteps = diffusion.schedule.timesteps(str(config.steps))
+    return ddpm(
+        model,
+        diffusion,
+        noise,
+        timesteps,
+        generator=generator,
+        callback=callback,
+        **_denoising_options(config, model_kwargs),
+    )
+
+
+def _run_ddim(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    config: SampleConfig,
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    timesteps = diffusion.schedule.timesteps(str(config.steps))
+    return ddim(
+        model,
+        diffusion,
+        noise,
+        timesteps,
+        eta=config.eta,
+        generator=generator,
+        callback=callback,
+        **_denoising_options(config, model_kwargs),
+    )
+
+
+def _ode_runner(solver: Callable[..., torch.Tensor]) -> Runner:
+    """The adapter of an ODE solver: noise levels from ``config.spacing``; no randomness."""
+
+    def run(
+        model: Denoiser,
+        diffusion: GaussianDiffusion,
+        noise: torch.Tensor,
+        config: SampleConfig,
+        *,
+        model_kwargs: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        sigmas = noise_levels(diffusion, config.steps, config.spacing)
+        return solver(
+            model, diffusion, noise, sigmas, callback=callback, **_denoising_options(config, model_kwargs)
+        )
+
+    return run
+
+
+_GAUSSIAN = (GaussianDiffusion.kind,)
+register_sampler(
+    "ddpm", ddpm, _run_ddpm, processes=_GAUSSIAN, summary="ancestral sampling on the respaced chain"
+)
+register_sampler("ddim", ddim, _run_ddim, processes=_GAUSSIAN, summary="DDIM with eta on the respaced chain")
+register_sampler("euler", euler, _ode_runner(euler), processes=_GAUSSIAN, summary="Euler on the ODE")
+register_sampler(
+    "heun",
+    heun,
+    _ode_runner(heun),
+    processes=_GAUSSIAN,
+    evaluations=lambda steps: 2 * steps - 1,
+    summary="Heun (EDM) on the ODE",
+)
+register_sampler(
+    "dpmpp_2m", dpmpp_2m, _ode_runner(dpmpp_2m), processes=_GAUSSIAN, summary="DPM-Solver++(2M) on the ODE"
+)

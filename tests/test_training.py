@@ -15,8 +15,8 @@ import difforge.runs.storage as checkpoint_module
 from difforge.diffusion import DiffusionConfig
 from difforge.errors import DifforgeError
 from difforge.pipeline import Pipeline
-from difforge.training import RunConfig, TrainConfig, Trainer, prepare_run
 from difforge.runs.storage import checkpoint_dirs, load_tensors
+from difforge.training import RunConfig, TrainConfig, Trainer, prepare_run
 
 pytest.importorskip("sklearn", reason="the digits dataset comes with the [datasets] extra")
 

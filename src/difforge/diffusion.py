@@ -50,6 +50,69 @@ def _choice(value: str, allowed: tuple[str, ...], name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Noise of a loop of steps: from a generator, or given explicitly
+# --------------------------------------------------------------------------------------
+
+NoiseSource = Callable[[int, torch.Tensor], torch.Tensor]
+"""``source(index, like) -> noise``: the standard normal noise of step ``index`` (the 0-based
+step counter of a loop), shape, dtype and device of ``like``."""
+
+StepNoise = NoiseSource | torch.Tensor
+"""Explicit per-step noise for a loop of K steps: a `NoiseSource`, or a (K, *x.shape) tensor
+whose slice ``index`` is the noise of step ``index``."""
+
+
+def standard_normal_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z ~ N(0, I) of x's shape and dtype, drawn on the generator's device and moved to x's
+    (so a CPU generator gives the same numbers whatever device x lives on)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def step_noise_source(
+    step_noise: StepNoise | None,
+    generator: torch.Generator | None,
+    steps: int,
+    like: torch.Tensor,
+) -> NoiseSource:
+    """The noise of each step of a K = ``steps`` step loop over tensors shaped like ``like``.
+
+    Without ``step_noise``, every call draws `standard_normal_like` from ``generator``; with
+    it, the draws are replaced exactly: a callable is called as ``step_noise(index, like)``,
+    a (K, *like.shape) tensor gives its slice ``index``; either is cast to like's dtype and
+    device. A loop asks only at the steps that use noise, in order, so recording the draws of
+    a generator and passing them back reproduces its result bit for bit.
+    """
+    if step_noise is None:
+        return lambda index, x: standard_normal_like(x, generator)
+    if generator is not None:
+        raise DifforgeError("pass either generator or step_noise, not both")
+    if isinstance(step_noise, torch.Tensor):
+        expected = (steps, *like.shape)
+        if tuple(step_noise.shape) != expected:
+            raise DifforgeError(
+                f"step_noise must have shape {expected} (one slice per step), got {tuple(step_noise.shape)}"
+            )
+        table = step_noise
+        return lambda index, x: table[index].to(device=x.device, dtype=x.dtype)
+    if not callable(step_noise):
+        kind = type(step_noise).__name__
+        raise DifforgeError(f"step_noise must be a tensor or a callable (index, like) -> noise, got {kind}")
+    source = step_noise
+
+    def call(index: int, x: torch.Tensor) -> torch.Tensor:
+        noise = source(index, x)
+        if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise DifforgeError(
+                f"step_noise({index}, x) must return a tensor of shape {tuple(x.shape)}, got {got}"
+            )
+        return noise.to(device=x.device, dtype=x.dtype)
+
+    return call
+
+
+# --------------------------------------------------------------------------------------
 # Gaussian likelihood helpers (improved-diffusion's losses.py conventions)
 # --------------------------------------------------------------------------------------
 
@@ -179,7 +242,10 @@ class GaussianDiffusion:
             (beta_t, with beta~_1 at t = 0 as in IDDPM) or ``learned_range`` (the network
             emits 2C channels; the second half v in [-1, 1] interpolates log beta_t and
             log beta~_t, IDDPM eq. 15).
-        loss: see `DiffusionConfig`.
+        loss: see `DiffusionConfig`; None (the default) picks the variance's default:
+            ``mse`` for the fixed variances; none for ``learned_range``, whose training
+            loss must be named (``hybrid`` or ``vlb``). A process without a loss samples
+            and computes likelihoods; only `training_losses` refuses it.
 
     Implements `difforge.process.Process` (kind ``gaussian``).
     """
@@ -193,7 +259,7 @@ class GaussianDiffusion:
         *,
         prediction: Prediction = "eps",
         variance: Variance = "fixed_small",
-        loss: LossType = "mse",
+        loss: LossType | None = None,
         vlb_weight: float = 0.001,
         min_snr_gamma: float | None = None,
         huber_delta: float = 1.0,
@@ -207,8 +273,10 @@ class GaussianDiffusion:
         self.num_timesteps = schedule.num_steps
         self.prediction = _choice(prediction, PREDICTIONS, "prediction")
         self.variance = _choice(variance, VARIANCES, "variance")
-        self.loss_type = _choice(loss, LOSSES, "loss")
-        if self.variance == "learned_range" and self.loss_type not in ("hybrid", "vlb"):
+        if loss is None and self.variance != "learned_range":
+            loss = "mse"
+        self.loss_type: str | None = None if loss is None else _choice(loss, LOSSES, "loss")
+        if self.variance == "learned_range" and self.loss_type not in (None, "hybrid", "vlb"):
             raise DifforgeError(
                 f"variance 'learned_range' is trained by the variational bound: use loss 'hybrid' "
                 f"or 'vlb', not {loss!r}"
@@ -502,6 +570,7 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         model_kwargs: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        step_noise: StepNoise | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The full variational bound of x0, in bits per dimension.
@@ -511,13 +580,22 @@ class GaussianDiffusion:
         ``xstart_mse`` (mean squared error of the predicted x0) and ``mse`` (of the implied eps).
         On a respaced process this is an upper bound of a shorter chain: a faster, different
         estimate, not the T-step NLL.
+
+        Unlike improved-diffusion: its ``calc_bpd_loop`` appends t = T-1, ..., 0 and stacks the
+        lists as they are, so ITS column j is timestep T-1-j (column 0 is t = T-1); ours is its
+        ``.flip(1)`` (ours[:, t] = theirs[:, T-1-t]); ``total_bpd`` and ``prior_bpd`` are the same.
+
+        The loop runs t = T-1 .. 0 and draws one x_t = q_sample(x0, t, noise) per step, the noise
+        from ``generator``, or exactly ``step_noise`` (see `step_noise_source`): step ``index``
+        is timestep t = T-1-index, so a (T, *x0.shape) tensor holds t = T-1 in slice 0.
         """
         model_kwargs = dict(model_kwargs or {})
         batch = x0.shape[0]
+        draw = step_noise_source(step_noise, generator, self.num_timesteps, x0)
         vb, xstart_mse, eps_mse = [], [], []
         for step, index in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((batch,), index, dtype=torch.long, device=x0.device)
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            noise = draw(step, x0)
             x_t = self.q_sample(x0, t, noise)
             output = model(x_t, self.model_timesteps(t), **model_kwargs)
             terms, pred_x0 = self.vb_terms_bpd(output, x0, x_t, t, clip_denoised=clip_denoised)
@@ -566,7 +644,20 @@ class GaussianDiffusion:
           mse | l1 | huber: the simple term (times the min-SNR weight if set);
           hybrid: simple + vlb_weight * T * vb  (= IDDPM's RESCALED_MSE at vlb_weight = 0.001);
           vlb: T * vb with gradients through the mean too (IDDPM's RESCALED_KL).
+
+        Unlike improved-diffusion, ``vb`` is always the unscaled term L_t: improved-diffusion
+        scales inside its loss, so its ``vb`` is L_t T / 1000 under RESCALED_MSE (its
+        ``loss`` = mse + vb equals our hybrid ``loss``), and its RESCALED_KL ``loss`` is T L_t
+        (as ours for vlb), with no ``vb`` entry at all.
+
+        A process built without a loss (``loss=None`` with ``learned_range``) raises a
+        `DifforgeError`.
         """
+        if self.loss_type is None:
+            raise DifforgeError(
+                "this learned_range process has no training loss (loss=None): "
+                "build it with loss 'hybrid' or 'vlb' to train it"
+            )
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)

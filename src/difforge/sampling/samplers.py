@@ -5,12 +5,14 @@ Every sampler takes ``model(x, t, **model_kwargs) -> model_output`` (the network
 guidance wrapper around it), called with ORIGINAL timestep indices also under respacing,
 a `GaussianDiffusion`, ``noise`` (B, C, H, W) of unit variance — x_T for the discrete
 samplers, scaled to the first noise level by the ODE samplers — and returns x_0 (B, C, H, W).
-Randomness comes only from ``generator``; ``callback(StepInfo)`` sees each step.
+Randomness comes only from ``generator``, or from explicit per-step noise ``step_noise``
+(see `difforge.diffusion.step_noise_source`); ``callback(StepInfo)`` sees each step.
 
 Two families:
 
 - on the discrete chain, given kept timesteps: `ddpm` (ancestral, DDPM eq. 11 / IDDPM with
-  any variance) and `ddim` (Song et al. 2021, eq. 12 with eta);
+  any variance) and `ddim` (Song et al. 2021, eq. 12 with eta), loops of the single steps
+  `p_sample_step` and `ddim_step`, which also run on their own with a different t per example;
 - on the probability-flow ODE in the variance-exploding variables x = x_t / sqrt(alpha_bar_t),
   sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) (Karras et al. 2022, "EDM"), given a
   decreasing list of noise levels ending in 0: `euler`, `heun` (EDM Alg. 1) and `dpmpp_2m`
@@ -27,36 +29,66 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from difforge.diffusion import Denoiser, GaussianDiffusion, dynamic_thresholding
+from difforge.diffusion import (
+    Denoiser,
+    GaussianDiffusion,
+    StepNoise,
+    dynamic_thresholding,
+    standard_normal_like,
+    step_noise_source,
+)
 from difforge.errors import DifforgeError
+
+Timesteps = Sequence[int] | np.ndarray | str
+"""The kept steps of a discrete sampler: original timestep indices (any order; a list is always
+indices, never section counts), or a respacing spec string of improved-diffusion, read by
+``diffusion.schedule.timesteps(spec)`` (see `difforge.schedule.respaced_timesteps`):
+
+- "ddimK": DDIM's even stride, range(0, T, s) for the smallest stride s that gives exactly K
+  steps ("ddim50" at T = 1000: s = 20, so 0, 20, 40, ..., 980); for some K no stride does,
+  an error;
+- "K" or "10,15,20": the chain cut into as many equal sections as there are counts, each
+  keeping its count of steps spread evenly from its first to its last index, rounded half to
+  even ("50" at T = 1000: round(j 999 / 49), j = 0 .. 49, so 0, 20, 41, 61, ..., 979, 999,
+  always including T - 1).
+
+`difforge.sampling.sample` with ``steps=K`` uses ``schedule.timesteps(str(K))``, the section
+spacing "K", not "ddimK": at T = 1000, "50" and "ddim50" share only the timesteps 0 and 20.
+"""
 
 
 class StepInfo(NamedTuple):
-    """What a sampler shows its callback at each model evaluation step.
+    """What a sampler shows its callback at each model evaluation step, after the step.
 
     ``index`` counts from 0 to ``total - 1``; ``timestep`` is the original (possibly
     fractional) timestep given to the model; ``x`` the sample the model saw, ``pred_x0``
-    its predicted clean image (both (B, C, H, W), in the x_t scale of the discrete chain)."""
+    its predicted clean image and ``x_next`` the sample after the step (the next step's
+    ``x``; at the last step the returned sample), all (B, C, H, W) in the x_t scale of the
+    discrete chain (the ODE samplers divide by sqrt(1 + sigma^2) at each one's noise level)."""
 
     index: int
     total: int
     timestep: float
     x: torch.Tensor
     pred_x0: torch.Tensor
+    x_next: torch.Tensor
 
 
 Callback = Callable[[StepInfo], None]
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise of x's shape, drawn on the generator's device (so a CPU
-    generator gives the same numbers whatever device x lives on)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+class StepOutput(NamedTuple):
+    """One reverse step: ``x_prev`` the sample at the next (lower) noise level and ``pred_x0``
+    the x0_hat it was computed from (after clipping), both (B, C, H, W)."""
+
+    x_prev: torch.Tensor
+    pred_x0: torch.Tensor
 
 
-def _process_for(diffusion: GaussianDiffusion, timesteps: Sequence[int] | np.ndarray) -> GaussianDiffusion:
-    """The (respaced) process whose steps are exactly ``timesteps`` (original indices)."""
+def _process_for(diffusion: GaussianDiffusion, timesteps: Timesteps) -> GaussianDiffusion:
+    """The (respaced) process whose steps are exactly ``timesteps`` (original indices or a spec)."""
+    if isinstance(timesteps, str):
+        timesteps = diffusion.schedule.timesteps(timesteps)
     kept = np.unique(np.asarray(timesteps, dtype=np.int64))
     if kept.size != len(timesteps):
         raise DifforgeError("timesteps must not repeat")
@@ -69,44 +101,203 @@ def _batch_t(index: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
 
 
+def _per_example(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) on x's device, to broadcast against x."""
+    return values.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _checked_noise(noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if noise.shape != x.shape:
+        raise DifforgeError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def _checked_eta(eta: float) -> float:
+    if eta < 0:
+        raise DifforgeError(f"eta must be >= 0, got {eta!r}")
+    return float(eta)
+
+
+# --------------------------------------------------------------------------------------
+# Single reverse steps of the discrete chain
+# --------------------------------------------------------------------------------------
+
+
+def p_sample_step(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    clip_denoised: bool = True,
+    dynamic_threshold: float | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """One ancestral step x_t -> x_{t-1} = mu_theta(x_t, t) + exp(1/2 log Sigma_theta(x_t, t)) z,
+    z ~ N(0, I), and x_{t-1} = mu_theta(x_t, t) (no noise) in the rows where t = 0
+    (DDPM Alg. 2 with the variance of ``diffusion``: fixed or learned, IDDPM).
+
+    Args:
+        x: (B, C, H, W) x_t.
+        t: (B,) int64 timesteps of THIS (possibly respaced) process, 0 .. T-1, one per example
+            (any mix); the model is called once, at ``diffusion.model_timesteps(t)``.
+        noise: z, (B, C, H, W); if None it is drawn from ``generator`` (unless every t = 0,
+            when nothing is drawn).
+
+    Returns x_{t-1} and the (clipped) x0_hat, both (B, C, H, W).
+    """
+    output = model(x, diffusion.model_timesteps(t), **dict(model_kwargs or {}))
+    out = diffusion.p_mean_variance(
+        output, x, t, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
+    )
+    noisy = _per_example(t > 0, x)
+    if noise is None:
+        if not bool(noisy.any()):
+            return StepOutput(out.mean, out.pred_x0)
+        noise = standard_normal_like(x, generator)
+    noise = _checked_noise(noise, x)
+    x_prev = torch.where(noisy, out.mean + torch.exp(0.5 * out.log_variance) * noise, out.mean)
+    return StepOutput(x_prev, out.pred_x0)
+
+
+class _DDIMCoefficients(NamedTuple):
+    scale_x0: torch.Tensor  # sqrt(alpha_bar_s)
+    scale_eps: torch.Tensor  # sqrt(1 - alpha_bar_s - sigma^2)
+    sigma: torch.Tensor
+    stochastic: bool  # some sigma > 0
+
+
+def _ddim_coefficients(
+    diffusion: GaussianDiffusion, t: torch.Tensor, t_prev: torch.Tensor, eta: float, x: torch.Tensor
+) -> _DDIMCoefficients:
+    """The coefficients of DDIM eq. 12 per example, each (B, 1, ..., 1) in x's dtype and device,
+    s = t_prev and alpha_bar_{-1} = 1.
+
+    Gathered from the float64 alpha_bar table and computed in float64 NumPy, then rounded once
+    to x's dtype: the same numbers as scalar float64 maths on a single t (no float32 table)."""
+    batch = x.shape[0]
+    if t.shape != (batch,) or t_prev.shape != (batch,):
+        raise DifforgeError(
+            f"t and t_prev must have shape ({batch},), got {tuple(t.shape)} and {tuple(t_prev.shape)}"
+        )
+    now = t.detach().cpu().numpy().astype(np.int64)
+    prev = t_prev.detach().cpu().numpy().astype(np.int64)
+    if np.any(now >= diffusion.num_timesteps) or np.any(prev < -1) or np.any(prev >= now):
+        raise DifforgeError(
+            f"ddim_step needs -1 <= t_prev < t <= {diffusion.num_timesteps - 1} per example "
+            f"(this process's indices), got t={now.tolist()}, t_prev={prev.tolist()}"
+        )
+    alphas_cumprod = diffusion.schedule.alphas_cumprod
+    alpha_bar = alphas_cumprod[now]
+    alpha_bar_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], 1.0)
+    sigma = eta * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * np.sqrt(1 - alpha_bar / alpha_bar_prev)
+    scale_eps = np.sqrt(np.maximum(1 - alpha_bar_prev - sigma**2, 0.0))
+    table = torch.from_numpy(np.stack([np.sqrt(alpha_bar_prev), scale_eps, sigma])).to(x.dtype)
+    scale_x0_t, scale_eps_t, sigma_t = (_per_example(row, x) for row in table)
+    return _DDIMCoefficients(scale_x0_t, scale_eps_t, sigma_t, bool(np.any(sigma > 0)))
+
+
+def ddim_step(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    *,
+    eta: float = 0.0,
+    model_kwargs: Mapping[str, Any] | None = None,
+    clip_denoised: bool = True,
+    dynamic_threshold: float | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """One DDIM step (Song et al. 2021, eq. 12) from x_t to x_s, s = t_prev, per example:
+
+        x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z,
+        sigma = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s),
+
+    with eps_hat re-derived from the (possibly clipped) x0_hat and alpha_bar_{-1} = 1, so
+    t_prev = -1 is the step to the data (sigma = 0). eta = 0 is deterministic; eta = 1 with
+    t_prev = t - 1 has the DDPM posterior variance.
+
+    Args:
+        x: (B, C, H, W) x_t.
+        t, t_prev: (B,) int64 indices of THIS (possibly respaced) process with
+            -1 <= t_prev < t <= T-1, one pair per example (any mix; t_prev need not be t - 1);
+            the model is called once, at ``diffusion.model_timesteps(t)``. The coefficients are
+            gathered from the float64 alpha_bar table and computed in float64 before the cast
+            to x's dtype.
+        noise: z, (B, C, H, W), used where sigma > 0; if None it is drawn from ``generator``
+            when some sigma > 0 (eta > 0 and some t_prev >= 0), else nothing is drawn.
+
+    Returns x_s and the (clipped) x0_hat, both (B, C, H, W).
+    """
+    coefficients = _ddim_coefficients(diffusion, t, t_prev, _checked_eta(eta), x)
+    output = model(x, diffusion.model_timesteps(t), **dict(model_kwargs or {}))
+    prediction, _ = diffusion.split_output(output, x)
+    pred_x0 = diffusion.denoise(prediction, x, t, clip_denoised, dynamic_threshold)
+    eps = diffusion.eps_from_x0(x, t, pred_x0)
+    x_prev = coefficients.scale_x0 * pred_x0 + coefficients.scale_eps * eps
+    if not coefficients.stochastic:
+        return StepOutput(x_prev, pred_x0)
+    sigma = coefficients.sigma
+    noise = _checked_noise(standard_normal_like(x, generator) if noise is None else noise, x)
+    return StepOutput(torch.where(sigma > 0, x_prev + sigma * noise, x_prev), pred_x0)
+
+
+# --------------------------------------------------------------------------------------
+# Discrete samplers: loops of the single steps
+# --------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def ddpm(
     model: Denoiser,
     diffusion: GaussianDiffusion,
     noise: torch.Tensor,
-    timesteps: Sequence[int] | np.ndarray,
+    timesteps: Timesteps,
     *,
     model_kwargs: Mapping[str, Any] | None = None,
     clip_denoised: bool = True,
     dynamic_threshold: float | None = None,
     generator: torch.Generator | None = None,
+    step_noise: StepNoise | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Ancestral sampling: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I), no noise at the
-    last step (DDPM Alg. 2 with the variance of ``diffusion``: fixed or learned, IDDPM).
+    """Ancestral sampling, K = len(timesteps) `p_sample_step` calls on the respaced chain:
+    x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I), no noise at the last step (DDPM Alg. 2
+    with the variance of ``diffusion``: fixed or learned, IDDPM; respaced chain, IDDPM sec. 4).
 
-    ``timesteps``: the kept original indices (all T for the full chain; e.g.
-    ``schedule.timesteps("100")`` to sample in 100 steps on the respaced chain, IDDPM sec. 4).
+    ``timesteps``: kept original indices, or a spec string such as "ddim50", "250" or
+    "10,15,20" (see `Timesteps`). ``sample(steps=50)`` respaces with "50", improved-diffusion's
+    section spacing (0, 20, 41, ..., 979, 999 at T = 1000), not DDIM's stride "ddim50"
+    (0, 20, ..., 980).
+
+    z of step ``index`` (0 .. K-2) comes from ``generator``, or is exactly ``step_noise``'s
+    (a callable ``(index, x) -> z`` called at steps 0 .. K-2, or a (K, *noise.shape) tensor
+    whose last slice is unused); all-zero ``step_noise`` gives the mean path.
     """
     process = _process_for(diffusion, timesteps)
-    kwargs = dict(model_kwargs or {})
-    x = noise
     total = process.num_timesteps
+    draw = step_noise_source(step_noise, generator, total, noise)
+    x = noise
     for step, index in enumerate(reversed(range(total))):
-        t = _batch_t(index, x)
-        t_model = process.model_timesteps(t)
-        out = process.p_mean_variance(
-            model(x, t_model, **kwargs),
+        out = p_sample_step(
+            model,
+            process,
             x,
-            t,
+            _batch_t(index, x),
+            model_kwargs=model_kwargs,
             clip_denoised=clip_denoised,
             dynamic_threshold=dynamic_threshold,
+            noise=draw(step, x) if index > 0 else None,
         )
         if callback is not None:
-            callback(StepInfo(step, total, float(process.schedule.timestep_map[index]), x, out.pred_x0))
-        x = out.mean
-        if index > 0:
-            x = x + torch.exp(0.5 * out.log_variance) * _noise_like(x, generator)
+            timestep = float(process.schedule.timestep_map[index])
+            callback(StepInfo(step, total, timestep, x, out.pred_x0, out.x_prev))
+        x = out.x_prev
     return x
 
 
@@ -115,46 +306,55 @@ def ddim(
     model: Denoiser,
     diffusion: GaussianDiffusion,
     noise: torch.Tensor,
-    timesteps: Sequence[int] | np.ndarray,
+    timesteps: Timesteps,
     *,
     eta: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
     clip_denoised: bool = True,
     dynamic_threshold: float | None = None,
     generator: torch.Generator | None = None,
+    step_noise: StepNoise | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12), from t to the previous kept step s:
+    """DDIM (Song et al. 2021, eq. 12), K = len(timesteps) `ddim_step` calls, each from t to
+    the previous kept step s:
 
         x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z,
         sigma = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s),
 
     with eps_hat re-derived from the (possibly clipped) x0_hat. eta = 0 is deterministic;
     eta = 1 has the DDPM posterior variance on the kept chain.
+
+    ``timesteps``: as in `ddpm` (indices or a spec string, see `Timesteps`); note that
+    ``sample(sampler="ddim", steps=50)`` runs on "50", not on "ddim50", DDIM's own spacing.
+
+    With eta > 0, z of step ``index`` (0 .. K-2) comes from ``generator``, or is exactly
+    ``step_noise``'s (as in `ddpm`: a callable called at steps 0 .. K-2, or a (K, *noise.shape)
+    tensor whose last slice is unused); with eta = 0 no noise is used or asked for.
     """
-    if eta < 0:
-        raise DifforgeError(f"eta must be >= 0, got {eta!r}")
+    eta = _checked_eta(eta)
     process = _process_for(diffusion, timesteps)
-    kwargs = dict(model_kwargs or {})
-    x = noise
     total = process.num_timesteps
+    draw = step_noise_source(step_noise, generator, total, noise)
+    x = noise
     for step, index in enumerate(reversed(range(total))):
         t = _batch_t(index, x)
-        prediction, _ = process.split_output(model(x, process.model_timesteps(t), **kwargs), x)
-        pred_x0 = process.denoise(prediction, x, t, clip_denoised, dynamic_threshold)
-        if callback is not None:
-            callback(StepInfo(step, total, float(process.schedule.timestep_map[index]), x, pred_x0))
-        eps = process.eps_from_x0(x, t, pred_x0)
-        alpha_bar = float(process.schedule.alphas_cumprod[index])
-        alpha_bar_prev = float(process.schedule.alphas_cumprod_prev[index])
-        sigma = (
-            eta
-            * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * math.sqrt(1 - alpha_bar / alpha_bar_prev)
+        out = ddim_step(
+            model,
+            process,
+            x,
+            t,
+            t - 1,
+            eta=eta,
+            model_kwargs=model_kwargs,
+            clip_denoised=clip_denoised,
+            dynamic_threshold=dynamic_threshold,
+            noise=draw(step, x) if eta > 0 and index > 0 else None,
         )
-        x = math.sqrt(alpha_bar_prev) * pred_x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
-        if index > 0 and sigma > 0:
-            x = x + sigma * _noise_like(x, generator)
+        if callback is not None:
+            timestep = float(process.schedule.timestep_map[index])
+            callback(StepInfo(step, total, timestep, x, out.pred_x0, out.x_prev))
+        x = out.x_prev
     return x
 
 
@@ -287,14 +487,25 @@ class DiscreteDenoiser:
 def _report(
     callback: Callback | None,
     denoiser: DiscreteDenoiser,
+    levels: list[float],
     i: int,
-    total: int,
     x: torch.Tensor,
-    sigma: float,
     x0: torch.Tensor,
+    x_next: torch.Tensor,
 ) -> None:
+    """Step i from levels[i] to levels[i + 1], shown in the x_t scale: x / sqrt(1 + sigma^2)."""
     if callback is not None:
-        callback(StepInfo(i, total, denoiser.timestep(sigma), x / math.sqrt(1.0 + sigma**2), x0))
+        sigma, sigma_next = levels[i], levels[i + 1]
+        callback(
+            StepInfo(
+                i,
+                len(levels) - 1,
+                denoiser.timestep(sigma),
+                x / math.sqrt(1.0 + sigma**2),
+                x0,
+                x_next / math.sqrt(1.0 + sigma_next**2),
+            )
+        )
 
 
 def _ode_setup(
@@ -321,14 +532,15 @@ def euler(
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma
     (EDM eq. 3), one model call per step. ``noise`` is scaled to sqrt(1 + sigma_0^2), the
-    x_T of the discrete chain in VE variables. ``denoiser_options`` go to `DiscreteDenoiser`."""
+    x_T of the discrete chain in VE variables. ``denoiser_options`` go to `DiscreteDenoiser`.
+    Deterministic: no generator or step noise is needed (or taken)."""
     denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
-    total = len(levels) - 1
-    for i in range(total):
+    for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         x0 = denoiser(x, sigma)
-        _report(callback, denoiser, i, total, x, sigma, x0)
-        x = x + (x - x0) / sigma * (sigma_next - sigma)
+        x_next = x + (x - x0) / sigma * (sigma_next - sigma)
+        _report(callback, denoiser, levels, i, x, x0, x_next)
+        x = x_next
     return x
 
 
@@ -343,20 +555,19 @@ def heun(
     **denoiser_options: Any,
 ) -> torch.Tensor:
     """Heun's second-order method (EDM Alg. 1, no churn): an Euler step, then the trapezoid
-    of the slopes at both ends; the last step (to sigma = 0) is plain Euler. 2 calls per step."""
+    of the slopes at both ends; the last step (to sigma = 0) is plain Euler. 2 calls per step
+    (the callback sees the first one's x0_hat). Deterministic: no generator or step noise."""
     denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
-    total = len(levels) - 1
-    for i in range(total):
+    for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         x0 = denoiser(x, sigma)
-        _report(callback, denoiser, i, total, x, sigma, x0)
         slope = (x - x0) / sigma
-        x_euler = x + slope * (sigma_next - sigma)
-        if sigma_next == 0.0:
-            x = x_euler
-            continue
-        slope_next = (x_euler - denoiser(x_euler, sigma_next)) / sigma_next
-        x = x + 0.5 * (slope + slope_next) * (sigma_next - sigma)
+        x_next = x + slope * (sigma_next - sigma)
+        if sigma_next != 0.0:
+            slope_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
+            x_next = x + 0.5 * (slope + slope_next) * (sigma_next - sigma)
+        _report(callback, denoiser, levels, i, x, x0, x_next)
+        x = x_next
     return x
 
 
@@ -377,24 +588,24 @@ def dpmpp_2m(
         D = (1 + 1 / (2r)) x0_hat_i - 1 / (2r) x0_hat_{i-1},  r = h_{i-1} / h_i,
 
     first order (D = x0_hat_i) at the first step and at the last one (sigma_next = 0, where
-    x_next = x0_hat). One model call per step."""
+    x_next = x0_hat). One model call per step. Deterministic: no generator or step noise."""
     denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
-    total = len(levels) - 1
     previous_x0: torch.Tensor | None = None
     previous_h = 0.0
-    for i in range(total):
+    for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         x0 = denoiser(x, sigma)
-        _report(callback, denoiser, i, total, x, sigma, x0)
         if sigma_next == 0.0:
-            x = x0
-            break
-        h = math.log(sigma) - math.log(sigma_next)
-        if previous_x0 is None:
-            direction = x0
+            x_next = x0
         else:
-            r = previous_h / h
-            direction = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * previous_x0
-        x = (sigma_next / sigma) * x - math.expm1(-h) * direction
-        previous_x0, previous_h = x0, h
+            h = math.log(sigma) - math.log(sigma_next)
+            if previous_x0 is None:
+                direction = x0
+            else:
+                r = previous_h / h
+                direction = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * previous_x0
+            x_next = (sigma_next / sigma) * x - math.expm1(-h) * direction
+            previous_x0, previous_h = x0, h
+        _report(callback, denoiser, levels, i, x, x0, x_next)
+        x = x_next
     return x

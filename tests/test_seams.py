@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from tiny_settings import TINY
 
 from difforge.conditioning import CONDITION_KINDS, ClassLabel, ImageCondition, prepare_conditions
 from difforge.errors import DifforgeError
@@ -24,21 +25,6 @@ from difforge.runs.models import MODEL_KINDS, register_model
 from difforge.sampling import SAMPLERS, SampleConfig, get_sampler, register_sampler, sample, sampler_names
 from difforge.timestep_sampling import make_timestep_sampler
 from difforge.training import Trainer, prepare_run
-
-TINY = dict(
-    preset="tiny",
-    data="digits",
-    image_size=16,
-    batch_size=8,
-    sample_every=0,
-    checkpoint_every=0,
-    tensorboard=False,
-    preview_images=4,
-    preview_steps=3,
-    log_every=1,
-    warmup_steps=2,
-)
-
 
 # ---- a toy process: x_t = (1 - t/T) x0 + (t/T) noise, the model predicts x0 ------------------
 

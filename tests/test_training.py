@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_settings import TINY
 
 import difforge.runs.storage as checkpoint_module
 from difforge.diffusion import DiffusionConfig
@@ -20,19 +21,6 @@ from difforge.training import RunConfig, TrainConfig, Trainer, prepare_run
 
 pytest.importorskip("sklearn", reason="the digits dataset comes with the [datasets] extra")
 
-TINY = dict(
-    preset="tiny",
-    data="digits",
-    image_size=16,
-    batch_size=8,
-    sample_every=0,
-    checkpoint_every=0,
-    tensorboard=False,
-    preview_images=4,
-    preview_steps=3,
-    log_every=1,
-    warmup_steps=2,
-)
 SHORT_PROCESS = DiffusionConfig(num_timesteps=50)
 
 

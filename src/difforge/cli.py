@@ -238,6 +238,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     from difforge.images import make_grid, save_gif, save_png, to_uint8
     from difforge.pipeline import Pipeline
+    from difforge.sampling.config import sample_config_from_args
 
     if args.num_images < 1:
         raise DifforgeError(f"--num-images must be >= 1, got {args.num_images}")
@@ -245,8 +246,6 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise DifforgeError(f"--fps must be > 0, got {args.fps}")
     if args.no_grid and not args.images_dir and not args.gif:
         raise DifforgeError("nothing to write: --no-grid needs --images-dir or --gif")
-    from difforge.sampling.config import sample_config_from_args
-
     sampling = sample_config_from_args(args)
     pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
     classes = None

@@ -117,61 +117,24 @@ def noise_levels(diffusion: GaussianDiffusion, steps: int, spacing: str) -> np.n
     raise DifforgeError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
 
 
-def _denoising_options(config: SampleConfig, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {
-        "model_kwargs": model_kwargs,
-        "clip_denoised": config.clip,
-        "dynamic_threshold": config.dynamic_threshold,
-    }
+def _respaced_timesteps(diffusion: GaussianDiffusion, config: SampleConfig) -> np.ndarray:
+    """``config.steps`` kept timesteps of the chain (IDDPM's section spacing ``"K"``)."""
+    return diffusion.schedule.timesteps(str(config.steps))
 
 
-def _run_ddpm(
-    model: Denoiser,
-    diffusion: GaussianDiffusion,
-    noise: torch.Tensor,
-    config: SampleConfig,
+def _spaced_noise_levels(diffusion: GaussianDiffusion, config: SampleConfig) -> np.ndarray:
+    return noise_levels(diffusion, config.steps, config.spacing)
+
+
+def _runner(
+    solver: Callable[..., torch.Tensor],
+    schedule: Callable[[GaussianDiffusion, SampleConfig], np.ndarray],
     *,
-    model_kwargs: Mapping[str, Any] | None = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    timesteps = diffusion.schedule.timesteps(str(config.steps))
-    return ddpm(
-        model,
-        diffusion,
-        noise,
-        timesteps,
-        generator=generator,
-        callback=callback,
-        **_denoising_options(config, model_kwargs),
-    )
-
-
-def _run_ddim(
-    model: Denoiser,
-    diffusion: GaussianDiffusion,
-    noise: torch.Tensor,
-    config: SampleConfig,
-    *,
-    model_kwargs: Mapping[str, Any] | None = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    timesteps = diffusion.schedule.timesteps(str(config.steps))
-    return ddim(
-        model,
-        diffusion,
-        noise,
-        timesteps,
-        eta=config.eta,
-        generator=generator,
-        callback=callback,
-        **_denoising_options(config, model_kwargs),
-    )
-
-
-def _ode_runner(solver: Callable[..., torch.Tensor]) -> Runner:
-    """The adapter of an ODE solver: noise levels from ``config.spacing``; no randomness."""
+    stochastic: bool,
+    with_eta: bool = False,
+) -> Runner:
+    """The adapter of a Gaussian sampler: its timesteps or noise levels from ``schedule``,
+    clipping from the config, the generator for the samplers that draw noise."""
 
     def run(
         model: Denoiser,
@@ -183,28 +146,55 @@ def _ode_runner(solver: Callable[..., torch.Tensor]) -> Runner:
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
     ) -> torch.Tensor:
-        sigmas = noise_levels(diffusion, config.steps, config.spacing)
-        return solver(
-            model, diffusion, noise, sigmas, callback=callback, **_denoising_options(config, model_kwargs)
-        )
+        options: dict[str, Any] = {
+            "model_kwargs": model_kwargs,
+            "clip_denoised": config.clip,
+            "dynamic_threshold": config.dynamic_threshold,
+            "callback": callback,
+        }
+        if stochastic:
+            options["generator"] = generator
+        if with_eta:
+            options["eta"] = config.eta
+        return solver(model, diffusion, noise, schedule(diffusion, config), **options)
 
     return run
 
 
 _GAUSSIAN = (GaussianDiffusion.kind,)
 register_sampler(
-    "ddpm", ddpm, _run_ddpm, processes=_GAUSSIAN, summary="ancestral sampling on the respaced chain"
+    "ddpm",
+    ddpm,
+    _runner(ddpm, _respaced_timesteps, stochastic=True),
+    processes=_GAUSSIAN,
+    summary="ancestral sampling on the respaced chain",
 )
-register_sampler("ddim", ddim, _run_ddim, processes=_GAUSSIAN, summary="DDIM with eta on the respaced chain")
-register_sampler("euler", euler, _ode_runner(euler), processes=_GAUSSIAN, summary="Euler on the ODE")
+register_sampler(
+    "ddim",
+    ddim,
+    _runner(ddim, _respaced_timesteps, stochastic=True, with_eta=True),
+    processes=_GAUSSIAN,
+    summary="DDIM with eta on the respaced chain",
+)
+register_sampler(
+    "euler",
+    euler,
+    _runner(euler, _spaced_noise_levels, stochastic=False),
+    processes=_GAUSSIAN,
+    summary="Euler on the probability-flow ODE",
+)
 register_sampler(
     "heun",
     heun,
-    _ode_runner(heun),
+    _runner(heun, _spaced_noise_levels, stochastic=False),
     processes=_GAUSSIAN,
     evaluations=lambda steps: 2 * steps - 1,
-    summary="Heun (EDM) on the ODE",
+    summary="Heun (EDM Alg. 1) on the probability-flow ODE",
 )
 register_sampler(
-    "dpmpp_2m", dpmpp_2m, _ode_runner(dpmpp_2m), processes=_GAUSSIAN, summary="DPM-Solver++(2M) on the ODE"
+    "dpmpp_2m",
+    dpmpp_2m,
+    _runner(dpmpp_2m, _spaced_noise_levels, stochastic=False),
+    processes=_GAUSSIAN,
+    summary="DPM-Solver++(2M) on the probability-flow ODE",
 )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from difforge import __version__
-from difforge.errors import DifforgeError
+from difforge.errors import DifforgeError, check_number
 from difforge.flags import add_dataclass_flags, dataclass_values, field_default
 
 EXIT_USAGE = 2
@@ -73,6 +73,10 @@ _TRAIN_HELP = {
     "preview_images": "images in the sample grid made during training",
     "preview_sampler": "sampler of the grid made during training (default: the process's own, as for sample)",
     "preview_steps": "sampler steps of the grid made during training",
+    "max_nonfinite_steps": "stop after this many steps in a row with a non-finite loss or gradient "
+    "(such steps are skipped and counted)",
+    "init_from": "start from this run's (or checkpoint's) EMA weights, model and process: fine-tuning "
+    "(default: a fresh model)",
 }
 
 _DIFFUSION_HELP = {
@@ -100,20 +104,21 @@ def _add_train(subparsers: Any) -> None:
     parser.add_argument(
         "data",
         nargs="?",
-        default=field_default(TrainConfig, "data"),
+        default=None,
         help="a folder of images (searched recursively) or a built-in dataset: mnist, digits, emoji "
-        "(default: %(default)s)",
+        f"(default: {field_default(TrainConfig, 'data')}; with --resume: the run's own)",
     )
     parser.add_argument("--out", help="run folder (default: runs/<data name>)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest intact checkpoint, with its saved plan; "
+        f"flags given with it change only {', '.join(_flag(n) for n in RESUME_CHANGEABLE)}",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dataclass_flags(parser, TrainConfig, _TRAIN_HELP, "train.")
-    add_dataclass_flags(
-        parser, DiffusionConfig, _DIFFUSION_HELP, "diffusion.", {"num_timesteps": "--timesteps"}
-    )
+    add_dataclass_flags(parser, DiffusionConfig, _DIFFUSION_HELP, "diffusion.", _FLAG_NAMES)
     parser.set_defaults(func=_run_train)
 
 
@@ -135,23 +140,106 @@ def _distributed_context() -> Any:
     return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
+RESUME_CHANGEABLE = (
+    "steps",
+    "epochs",
+    "lr",
+    "grad_clip",
+    "sample_every",
+    "checkpoint_every",
+    "log_every",
+    "keep_checkpoints",
+    "num_workers",
+    "tensorboard",
+    "preview_images",
+    "preview_sampler",
+    "preview_steps",
+    "max_nonfinite_steps",
+)
+"""The train settings a resumed run may change; the others would make it another run."""
+INHERITED_FROM_PARENT = ("preset", "image_size", "channels")
+"""Train settings that ``--init-from`` takes from the parent run (with its process)."""
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+_FLAG_NAMES = {"num_timesteps": "--timesteps"}
+
+
+def _resumed_plan(saved: Any, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The saved run's TrainConfig with the explicitly given changeable flags applied, and a
+    note per change ("changed: --steps 300 -> 500"); any other explicit flag that differs
+    from the saved value is refused with one line."""
+    from dataclasses import replace
+
+    explicit: set[str] = getattr(args, "explicit", set())
+    train_values = dataclass_values(args, "train.")
+    diffusion_values = dataclass_values(args, "diffusion.")
+    refused = [
+        (_flag(name), getattr(saved.diffusion, name, None), value)
+        for name, value in diffusion_values.items()
+        if f"diffusion.{name}" in explicit and value != getattr(saved.diffusion, name, None)
+    ]
+    if args.data is not None and args.data != saved.train.data:
+        refused.insert(0, ("DATA", saved.train.data, args.data))
+    changes: dict[str, Any] = {}
+    for name, value in train_values.items():
+        old = getattr(saved.train, name)
+        if f"train.{name}" not in explicit or value == old:
+            continue
+        if name in RESUME_CHANGEABLE:
+            changes[name] = value
+        else:
+            refused.append((_flag(name), old, value))
+    if refused:
+        flag, old, new = refused[0]
+        raise DifforgeError(
+            f"{flag} cannot change when resuming (the run has {old!r}, asked {new!r}): it would be another "
+            "run; start one with --init-from RUN --out NEW to fine-tune with other settings"
+        )
+    if "epochs" in changes and "steps" not in changes:
+        changes["steps"] = None  # the new number of epochs sets the length
+    notes = [
+        f"changed: {_flag(name)} {getattr(saved.train, name)} -> {value}" for name, value in changes.items()
+    ]
+    return replace(saved.train, **changes).validate(), notes
+
+
+def _resume(trainer: Any, out: Path, is_main: bool) -> None:
+    """Load the newest intact checkpoint, or start the saved plan from step 0 when the run
+    was stopped before its first one."""
+    from difforge.runs.storage import checkpoint_dirs
+
+    if not checkpoint_dirs(out):
+        if is_main:
+            print(f"note: {out} has no checkpoint yet: starting its saved plan from step 0", file=sys.stderr)
+        return
+    step = trainer.resume()
+    if step > trainer.total_steps:
+        raise DifforgeError(
+            f"--steps {trainer.total_steps}: the run is already at step {step}; give --steps {step} or more"
+        )
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import torch
 
     from difforge.diffusion import DiffusionConfig
     from difforge.runs import RunConfig, TrainConfig, resolve_device
     from difforge.training import Trainer, prepare_run
+    from difforge.training.trainer import TrainingInterrupted
 
     train_values = dataclass_values(args, "train.")
     diffusion_values = dataclass_values(args, "diffusion.")
-    train_values["data"] = args.data
+    data = args.data if args.data is not None else field_default(TrainConfig, "data")
+    train_values["data"] = data
     ctx = _distributed_context()
-    out = Path(args.out) if args.out else Path("runs") / Path(str(args.data).rstrip("/")).name
+    out = Path(args.out) if args.out else Path("runs") / Path(str(data).rstrip("/")).name
     if args.resume:
         saved = RunConfig.load(out)
-        for name in ("steps", "epochs", "sample_every", "checkpoint_every", "num_workers", "tensorboard"):
-            setattr(saved.train, name, train_values[name])
-        train_config, diffusion_config = saved.train, saved.diffusion
+        (train_config, changes), process_config = _resumed_plan(saved, args), saved.diffusion
         model_overrides = saved.model.to_dict()
     else:
         train_config = TrainConfig(**train_values).validate()
@@ -159,24 +247,39 @@ def _run_train(args: argparse.Namespace) -> int:
             raise DifforgeError(
                 f"{out} already holds a run: pass --resume to continue it, or choose another --out"
             )
-        diffusion_config = DiffusionConfig(**diffusion_values)
+        if train_config.init_from is not None:
+            explicit = getattr(args, "explicit", set())
+            inherited = [f"train.{name}" for name in INHERITED_FROM_PARENT] + [
+                f"diffusion.{name}" for name in diffusion_values
+            ]
+            given = [_flag(dest.split(".", 1)[1]) for dest in inherited if dest in explicit]
+            if given:
+                raise DifforgeError(
+                    f"{given[0]}: with --init-from the model, its size and the process are the parent run's"
+                )
+        process_config = DiffusionConfig(**diffusion_values)
         model_overrides = None
+        changes = []
     device = resolve_device(args.device)
     if device.type == "cuda" and ctx.world_size > 1:
         device = torch.device("cuda", ctx.local_rank)
-    model, diffusion, dataset, run_config = prepare_run(train_config, diffusion_config, model_overrides)
+    model, process, dataset, run_config = prepare_run(train_config, process_config, model_overrides)
     trainer = Trainer(
-        model, diffusion, dataset, run_config, out, device=device, ctx=ctx, progress=not args.no_progress
+        model, process, dataset, run_config, out, device=device, ctx=ctx, progress=not args.no_progress
     )
     if args.resume:
-        trainer.resume()
+        _resume(trainer, out, ctx.is_main)
+        for note in changes if ctx.is_main else ():
+            print(note, file=sys.stderr)
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters())
+        start = f" from step {trainer.step}" if trainer.step else ""
         print(
             f"difforge {__version__}: training {train_config.preset} {_model_name(run_config)} "
             f"({params / 1e6:.2f}M parameters) "
             f"on {dataset.source} ({len(dataset)} images, {dataset.num_classes} classes, "
-            f"{dataset.image_size}x{dataset.image_size}x{dataset.channels}) for {trainer.total_steps} steps "
+            f"{dataset.image_size}x{dataset.image_size}x{dataset.channels}) "
+            f"for {trainer.total_steps} steps{start} "
             f"on {device}{f' x {ctx.world_size}' if ctx.world_size > 1 else ''}; run folder: {out}",
             file=sys.stderr,
         )
@@ -186,12 +289,20 @@ def _run_train(args: argparse.Namespace) -> int:
             print(run_config.data.attribution, file=sys.stderr)
     try:
         trainer.train()
+    except TrainingInterrupted as stop:
+        if ctx.is_main:
+            saved_at = f"saved {stop.checkpoint}" if stop.checkpoint else "its checkpoint is written"
+            print(
+                f"interrupted after step {stop.step}; {saved_at}. "
+                f"Continue with: difforge train --resume --out {out}",
+                file=sys.stderr,
+            )
+        return 130
     except KeyboardInterrupt:
-        path = trainer.save_checkpoint()
         if ctx.is_main:
             print(
-                f"\ninterrupted at step {trainer.step}; saved {path}. Continue with: "
-                f"difforge train --resume --out {out}",
+                f"\ninterrupted in the middle of step {trainer.step + 1}: it is lost, the checkpoints "
+                f"are intact. Continue with: difforge train --resume --out {out}",
                 file=sys.stderr,
             )
         return 130
@@ -233,21 +344,67 @@ def _add_sample(subparsers: Any) -> None:
     parser.set_defaults(func=_run_sample)
 
 
+MAX_FPS = 100.0
+
+
+def _check_sample_outputs(args: argparse.Namespace) -> None:
+    """Every output of ``sample`` checked before the model is loaded: numbers in range, file
+    types known by extension, folders writable."""
+    from difforge.images import IMAGE_FORMATS, check_output_file, check_output_folder
+
+    check_number("--num-images", args.num_images, low=1, integer=True)
+    check_number("--fps", args.fps, low=0, low_open=True, high=MAX_FPS)
+    if args.no_grid and not args.images_dir and not args.gif:
+        raise DifforgeError("nothing to write: --no-grid needs --images-dir or --gif")
+    if args.out and not args.no_grid:
+        check_output_file(args.out, "--out", IMAGE_FORMATS)
+    if args.gif:
+        check_output_file(args.gif, "--gif", {".gif": "GIF"})
+    if args.images_dir:
+        if Path(args.images_dir).is_file():
+            raise DifforgeError(f"--images-dir {args.images_dir}: is a file, not a folder")
+        check_output_folder(args.images_dir, "--images-dir")
+
+
+def _check_sample_memory(args: argparse.Namespace, image_shape: tuple[int, int, int], steps: int) -> None:
+    """Refuse, with the estimate, a ``sample`` whose results would not fit in half the memory:
+    the images of a grid (and every step of a GIF) are held at once; ``--images-dir`` alone
+    streams them batch by batch."""
+    channels, height, width = image_shape
+    per_image = channels * height * width
+    held = 0 if args.no_grid else 2 * per_image  # the images and the grid
+    if args.gif:
+        held += (steps + 1) * 4 * per_image  # float32 x_t of every step, then the grid
+    needed = args.num_images * (held + 8)  # + the (N,) int64 labels
+    limit = _physical_memory() // 2
+    if needed > limit:
+        raise DifforgeError(
+            f"sample -n {args.num_images}: holding the grid{' and GIF' if args.gif else ''} of "
+            f"{args.num_images} images of {height}x{width}x{channels} needs about {needed / 2**30:.1f} GiB, "
+            f"over half this machine's memory ({limit / 2**30:.1f} GiB): use fewer images, or --no-grid "
+            "--images-dir DIR, which writes them batch by batch"
+        )
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 8 GiB
+        return 8 * 2**30
+
+
 def _run_sample(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
-    from difforge.images import make_grid, save_gif, save_png, to_uint8
+    from difforge.images import make_grid, save_gif, save_image, save_png, to_uint8
     from difforge.pipeline import Pipeline
     from difforge.sampling.config import sample_config_from_args
 
-    if args.num_images < 1:
-        raise DifforgeError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.fps <= 0:
-        raise DifforgeError(f"--fps must be > 0, got {args.fps}")
-    if args.no_grid and not args.images_dir and not args.gif:
-        raise DifforgeError("nothing to write: --no-grid needs --images-dir or --gif")
+    _check_sample_outputs(args)
     sampling = sample_config_from_args(args)
     pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+    _check_sample_memory(args, pipe.image_shape, sampling.steps)
     classes = None
     if args.classes:
         classes = [part.strip() for item in args.classes for part in item.split(",") if part.strip()]
@@ -259,21 +416,33 @@ def _run_sample(args: argparse.Namespace) -> int:
     columns = None
     if pipe.num_classes and classes:
         columns = len(classes) if len(classes) <= 16 else None
-    images = pipe(args.num_images, classes=classes, config=sampling, callback=keep if args.gif else None)
-    written = []
-    if not args.no_grid:
-        out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_seed{sampling.seed}.png"
-        written.append(save_png(out, make_grid(images, columns=columns)))
-    if args.images_dir:
-        folder = Path(args.images_dir)
-        for index, image in enumerate(images):
-            save_png(folder / f"{index:05d}.png", image)
+    batches = pipe.batches(
+        args.num_images, classes=classes, config=sampling, callback=keep if args.gif else None
+    )
+    kept: list[np.ndarray] = []
+    written: list[Path] = []
+    count = 0
+    folder = Path(args.images_dir) if args.images_dir else None
+    for batch in batches:
+        if folder is not None:
+            for image in batch:
+                save_png(folder / f"{count:05d}.png", image)
+                count += 1
+        else:
+            count += len(batch)
+        if not args.no_grid or args.gif:
+            kept.append(batch)
+    if folder is not None:
         written.append(folder)
-    if args.gif:
+    images = np.concatenate(kept) if kept else None
+    if not args.no_grid and images is not None:
+        out = Path(args.out) if args.out else pipe.run_dir / "samples" / f"sample_seed{sampling.seed}.png"
+        written.append(save_image(out, make_grid(images, columns=columns)))
+    if args.gif and images is not None:
         grids = [make_grid(to_uint8(torch.cat(frames[i])), columns=columns) for i in sorted(frames)]
         grids.append(make_grid(images, columns=columns))
         written.append(save_gif(args.gif, grids, fps=args.fps))
-    print(f"wrote {len(images)} images: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    print(f"wrote {count} images: " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 
 
@@ -356,9 +525,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The dests of the flags given on ``argv`` (not left at their defaults): parsed again
+    into a namespace pre-filled with a marker, which argparse overwrites only when a flag
+    is actually given."""
+    unset = object()
+    dests = {a.dest for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
+    namespace = argparse.Namespace(**dict.fromkeys(dests, unset))
+    parser.parse_known_args(list(argv), namespace)
+    return {dest for dest in dests if getattr(namespace, dest) is not unset}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "train":
+        train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+        args.explicit = _explicit_dests(train_parser, argv[argv.index("train") + 1 :])
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

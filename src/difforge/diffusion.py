@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difforge.errors import DifforgeError, dataclass_from_mapping
+from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
 from difforge.schedule import SCHEDULE_NAMES, NoiseSchedule, RespacingSpec
 from difforge.timestep_sampling import UniformTimestepSampler, make_timestep_sampler
 
@@ -32,6 +32,8 @@ LossType = Literal["mse", "l1", "huber", "hybrid", "vlb"]
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
 VARIANCES: tuple[str, ...] = ("fixed_small", "fixed_large", "learned_range")
 LOSSES: tuple[str, ...] = ("mse", "l1", "huber", "hybrid", "vlb")
+MAX_TIMESTEPS = 100_000
+"""The longest training chain accepted (IDDPM's longest is 4000)."""
 
 Denoiser = Callable[..., torch.Tensor]
 """``model(x_t, t_original, **model_kwargs) -> model_output``: (B, C, H, W), or (B, 2C, H, W)
@@ -188,7 +190,13 @@ class DiffusionConfig:
     huber_delta: float = 1.0
 
     def build(self) -> GaussianDiffusion:
+        """The process; a bad setting is a one-line DifforgeError naming its flag."""
         _choice(self.schedule, SCHEDULE_NAMES, "schedule")
+        check_number("--timesteps", self.num_timesteps, low=1, high=MAX_TIMESTEPS, integer=True)
+        check_number("--vlb-weight", self.vlb_weight, low=0)
+        check_number("--huber-delta", self.huber_delta, low=0, low_open=True)
+        if self.min_snr_gamma is not None:
+            check_number("--min-snr-gamma", self.min_snr_gamma, low=0, low_open=True)
         return GaussianDiffusion(
             NoiseSchedule.named(self.schedule, self.num_timesteps),
             prediction=self.prediction,  # type: ignore[arg-type]

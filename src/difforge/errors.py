@@ -7,6 +7,7 @@ it without a traceback and exits with status 2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -34,3 +35,31 @@ def dataclass_from_mapping(cls: type[T], data: Mapping[str, Any], what: str) -> 
         return cls(**dict(data))
     except TypeError as error:
         raise DifforgeError(f"{what}: {error}") from None
+
+
+def check_number(
+    flag: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raise a one-line DifforgeError unless ``value`` is a finite number (an integer when
+    ``integer``) with ``low <= value`` (``low < value`` when ``low_open``) and ``value <= high``.
+
+    ``flag`` names the setting in the message (e.g. ``--lr``). NaN and infinities are refused
+    everywhere: every float setting must be finite."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if integer and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise DifforgeError(f"{flag} must be an integer, got {value!r}")
+    if not is_number or not math.isfinite(value):  # type: ignore[arg-type]
+        raise DifforgeError(f"{flag} must be a finite number, got {value!r}")
+    number = float(value)  # type: ignore[arg-type]
+    below = low is not None and (number <= low if low_open else number < low)
+    if below or (high is not None and number > high):
+        lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        upper = "" if high is None else f"<= {high:g}"
+        bounds = " and ".join(b for b in (lower, upper) if b)
+        raise DifforgeError(f"{flag} must be {bounds}, got {value!r}")

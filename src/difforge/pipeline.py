@@ -10,7 +10,7 @@ class labels go in ``cond`` (e.g. ``cond={"image_cond": images}``, one row per i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from difforge.process import Process
 from difforge.runs.config import RunConfig
 from difforge.runs.device import resolve_device
 from difforge.runs.models import load_model
+from difforge.runs.storage import resolve_run_path
 from difforge.sampling import SampleConfig, StepInfo, generate
 
 ClassSpec = str | int | Sequence[str | int] | None
@@ -38,8 +39,16 @@ ClassSpec = str | int | Sequence[str | int] | None
 class Pipeline:
     """A model, its process and the run's settings, on one device."""
 
-    def __init__(self, model: torch.nn.Module, process: Process, run_config: RunConfig, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        process: Process,
+        run_config: RunConfig,
+        device: torch.device,
+        run_dir: str | Path | None = None,
+    ):
         self.model = model.to(device).eval()
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(".")
         self.process = process
         self.run_config = run_config
         self.device = device
@@ -50,10 +59,13 @@ class Pipeline:
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto", weights: str = "ema") -> Pipeline:
         """Load ``RUN/config.json`` and ``RUN/ema.safetensors`` (or ``model.safetensors`` with
-        ``weights="raw"``). Missing or damaged files are a DifforgeError naming the file."""
-        config = RunConfig.load(run_dir)
+        ``weights="raw"``); ``run_dir`` may also be one of its checkpoints, ``RUN/checkpoints/
+        step_N``. Missing or damaged files are a DifforgeError naming the file (see
+        `difforge.runs.models.load_model` for the fallback to an intact checkpoint)."""
+        run, _ = resolve_run_path(run_dir)
+        config = RunConfig.load(run)
         model = load_model(run_dir, config, weights)
-        return cls(model, config.diffusion.build(), config, resolve_device(device))
+        return cls(model, config.diffusion.build(), config, resolve_device(device), run_dir=run)
 
     @property
     def diffusion(self) -> Process:
@@ -126,7 +138,6 @@ class Pipeline:
                 raise DifforgeError(f"cond[{key!r}] has {value.shape[0]} rows for {num_images} images")
         return prepare_conditions(given, self.conditions)
 
-    @torch.no_grad()
     def __call__(
         self,
         num_images: int = 16,
@@ -145,6 +156,25 @@ class Pipeline:
         (default random); ``cond``: other conditions, one row per image.
         ``callback(batch_index, step_info)`` sees every step of every batch. The same seed
         and batch size give the same images."""
+        batches = self.batches(
+            num_images, classes=classes, cond=cond, config=config, callback=callback, **settings
+        )
+        return np.concatenate(list(batches))
+
+    @torch.no_grad()
+    def batches(
+        self,
+        num_images: int = 16,
+        *,
+        classes: ClassSpec = None,
+        cond: Mapping[str, torch.Tensor] | None = None,
+        config: SampleConfig | None = None,
+        callback: Callable[[int, StepInfo], None] | None = None,
+        **settings: Any,
+    ) -> Iterator[np.ndarray]:
+        """The images of `__call__`, one (B, H, W, C) uint8 batch at a time, so a large
+        ``num_images`` is written out with memory bounded by the batch size (plus the
+        (N,) labels). Every setting is checked before the first batch is sampled."""
         config = (config or SampleConfig()).updated(**settings).validate(self.process.kind)
         if num_images < 1:
             raise DifforgeError("the number of images must be >= 1")
@@ -152,23 +182,36 @@ class Pipeline:
             raise DifforgeError("--guidance needs a model trained with condition dropout; this one has none")
         generator = torch.Generator().manual_seed(config.seed)
         conditions = self._conditions(num_images, classes, cond, generator)
+        return self._sample_batches(num_images, conditions, config, generator, callback)
+
+    def _sample_batches(
+        self,
+        num_images: int,
+        conditions: Mapping[str, torch.Tensor],
+        config: SampleConfig,
+        generator: torch.Generator,
+        callback: Callable[[int, StepInfo], None] | None,
+    ) -> Iterator[np.ndarray]:
         null = null_conditions(self.conditions) if self.guidable else None
-        config_model = self.run_config.model
-        shape = (config_model.in_channels, config_model.image_size, config_model.image_size)
-        outputs = []
         for batch_index, start in enumerate(range(0, num_images, config.batch_size)):
             count = min(config.batch_size, num_images - start)
             step_callback = None if callback is None else (lambda info, b=batch_index: callback(b, info))
-            samples = generate(
-                self.model,
-                self.process,
-                (count, *shape),
-                config,
-                cond={key: value[start : start + count] for key, value in conditions.items()},
-                null_cond=null,
-                generator=generator,
-                device=self.device,
-                callback=step_callback,
-            )
-            outputs.append(to_uint8(samples))
-        return np.concatenate(outputs)
+            with torch.no_grad():
+                samples = generate(
+                    self.model,
+                    self.process,
+                    (count, *self.image_shape),
+                    config,
+                    cond={key: value[start : start + count] for key, value in conditions.items()},
+                    null_cond=null,
+                    generator=generator,
+                    device=self.device,
+                    callback=step_callback,
+                )
+            yield to_uint8(samples)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model makes."""
+        model = self.run_config.model
+        return (model.in_channels, model.image_size, model.image_size)

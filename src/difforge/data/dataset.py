@@ -29,9 +29,10 @@ from difforge.data.builtin import BUILTIN_DATASETS, load_builtin
 from difforge.data.io import (
     ImageMode,
     UnreadableImageError,
-    list_image_files,
+    max_image_pixels,
     open_image,
     pil_to_array,
+    scan_image_folder,
 )
 from difforge.data.transforms import (
     center_crop,
@@ -104,7 +105,9 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         class_names: one name per class id (empty when unlabelled).
         num_classes: ``len(class_names)`` (0 when unlabelled).
         fingerprint: 16 hex digits identifying the sources and the preprocessing settings.
-        skipped: (file relative to the folder, reason) of each file that could not be decoded.
+        skipped: (path relative to the folder, reason) of each file that could not be opened
+            or decoded (broken symlink, symlink loop, damaged, over the pixel limit, ...) and
+            of each sub-folder that could not be listed (its name ends with ``/``).
         attribution: credit/licence line to print (built-ins; empty for folders).
         cached: whether decoded pixels are held in memory.
         runtime_failures: files (in this process) that failed in ``__getitem__`` and were
@@ -240,8 +243,12 @@ def _check_settings(image_size: int, channels: int | None) -> None:
         raise DifforgeError(f"channels must be 1 (grey) or 3 (RGB), not {channels!r}")
 
 
-def _class_labels(root: Path, rel_paths: list[str]) -> tuple[list[str], np.ndarray]:
-    """Labels from the first-level sub-folder of each file (class names sorted)."""
+def _class_labels(root: Path, rel_paths: list[str], skipped: list[str]) -> tuple[list[str], np.ndarray]:
+    """Labels from the first-level sub-folder of each file (class names sorted).
+
+    ``skipped``: relative paths of the entries the listing skipped (broken symlinks,
+    unreadable folders, ...); the class folders they lie in keep their ids.
+    """
     loose = [p for p in rel_paths if "/" not in p]
     if loose:
         raise DifforgeError(
@@ -249,7 +256,7 @@ def _class_labels(root: Path, rel_paths: list[str]) -> tuple[list[str], np.ndarr
             f"{loose[0]!r}); put every image in a sub-folder named after its class"
         )
     first = [p.split("/", 1)[0] for p in rel_paths]
-    names = sorted(set(first))
+    names = sorted(set(first) | {p.split("/", 1)[0] for p in skipped if "/" in p})
     ids = {name: i for i, name in enumerate(names)}
     return names, np.array([ids[f] for f in first], dtype=np.int64)
 
@@ -269,14 +276,15 @@ def _from_folder(
     hflip: bool,
     cache: bool | None,
 ) -> ImageDataset:
-    files = list_image_files(root)
+    max_image_pixels()  # a bad DIFFORGE_MAX_IMAGE_PIXELS fails before anything is read
+    listing = scan_image_folder(root)  # broken symlinks, unreadable folders: listing.skipped
+    files, stats = listing.files, listing.stats
     rel = [f.relative_to(root).as_posix() for f in files]
     if class_folders:
-        class_names, labels = _class_labels(root, rel)
+        class_names, labels = _class_labels(root, rel, [name for name, _ in listing.skipped])
     else:
         class_names, labels = [], np.full(len(files), -1, dtype=np.int64)
 
-    stats = [f.stat() for f in files]
     sources = [[r, s.st_size, s.st_mtime_ns] for r, s in zip(rel, stats, strict=True)]
     decode_mode: ImageMode = "L" if channels == 1 else "RGB"
     trial = _Preprocess(image_size, channels or 3, random_crop, hflip)
@@ -296,12 +304,16 @@ def _from_folder(
                 result = channels is None and _is_grey(result)  # only the grey flag is kept
             results.append(result)
 
-    skipped = [(r, res) for r, res in zip(rel, results, strict=True) if isinstance(res, str)]
+    undecodable = [(r, res) for r, res in zip(rel, results, strict=True) if isinstance(res, str)]
+    skipped = sorted(listing.skipped + undecodable)
+    bad_folders = listing.unreadable_folders
+    total_files = len(files) + len(listing.skipped) - bad_folders
     good = [i for i, res in enumerate(results) if not isinstance(res, str)]
     if not good:
+        bad_files = [item for item in skipped if not item[0].endswith("/")]  # folders end in /
         raise DifforgeError(
-            f"none of the {len(files)} image files in {str(root)!r} can be read "
-            f"(e.g. {_format_skipped(skipped[:1])})"
+            f"none of the {total_files} image files in {str(root)!r} can be read "
+            f"(e.g. {_format_skipped(bad_files[:1])})"
         )
     if channels is None:
         grey = all(_is_grey(r) if isinstance(r, np.ndarray) else r for r in (results[i] for i in good))
@@ -338,10 +350,13 @@ def _from_folder(
         skipped=skipped,
     )
     if skipped:
+        bad_files = len(skipped) - bad_folders
+        what = [f"{bad_files} of {total_files} image files"] if bad_files else []
+        if bad_folders:
+            what.append(f"{bad_folders} unreadable folder{'s' if bad_folders > 1 else ''}")
         logger.warning(
-            "skipped %d of %d image files in %r that cannot be decoded: %s",
-            len(skipped),
-            len(files),
+            "skipped %s in %r that cannot be read: %s",
+            " and ".join(what),
             str(root),
             _format_skipped(skipped),
         )

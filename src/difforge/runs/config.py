@@ -16,13 +16,20 @@ from typing import Any
 
 from difforge import __version__
 from difforge.conditioning import ClassLabel, ImageCondition
-from difforge.errors import DifforgeError, dataclass_from_mapping
+from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
 from difforge.process import ProcessConfig, process_config_from_dict
 from difforge.runs.models import model_config_from_dict, model_config_to_dict
 from difforge.sampling import SampleConfig, sampler_names
+from difforge.sampling.config import MAX_SEED
 
 CONFIG_FILE = "config.json"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MAX_IMAGE_SIZE = 2048
+"""The largest training resolution accepted (a 2048^2 batch of 64 is already ~3 GB of input)."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -57,6 +64,11 @@ class TrainConfig:
         preview_images / preview_sampler / preview_steps: the sample grid made during training
             (the sampler and steps default to `SampleConfig`'s; the other sampling settings
             are `SampleConfig`'s defaults).
+        max_nonfinite_steps: stop (one-line error, checkpoints intact) after this many
+            optimizer steps in a row with a non-finite loss or gradient; such steps are
+            skipped and counted (``nonfinite_steps`` in metrics.jsonl).
+        init_from: a run (or one of its checkpoints) whose EMA weights, model and process a
+            new run starts from (fine-tuning); None = a fresh initialisation.
     """
 
     data: str = "mnist"
@@ -89,34 +101,47 @@ class TrainConfig:
     preview_images: int = 40
     preview_sampler: str | None = SampleConfig.sampler
     preview_steps: int = SampleConfig.steps
+    max_nonfinite_steps: int = 5
+    init_from: str | None = None
 
     def validate(self) -> TrainConfig:
-        """Raise a one-line DifforgeError naming the flag of a bad setting; returns self."""
-        positive = ("batch_size", "grad_accum", "log_every", "preview_images", "preview_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise DifforgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "checkpoint_every", "warmup_steps", "num_workers", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise DifforgeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise DifforgeError(f"--steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise DifforgeError(f"--epochs must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise DifforgeError(f"--lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.ema_decay < 1.0:
+        """Raise a one-line DifforgeError naming the flag of a bad setting; returns self.
+
+        Every number must be finite and in range (a NaN or an absurd size is refused here,
+        before any data is read)."""
+        whole = {
+            "batch_size": (1, 65536),
+            "grad_accum": (1, 4096),
+            "log_every": (1, None),
+            "preview_images": (1, 1024),
+            "preview_steps": (1, 100_000),
+            "sample_every": (0, None),
+            "checkpoint_every": (0, None),
+            "warmup_steps": (0, None),
+            "num_workers": (0, 256),
+            "keep_checkpoints": (0, None),
+            "max_nonfinite_steps": (1, None),
+            "seed": (0, MAX_SEED),
+        }
+        for name, (low, high) in whole.items():
+            check_number(_flag(name), getattr(self, name), low=low, high=high, integer=True)
+        if self.steps is not None:
+            check_number("--steps", self.steps, low=1, high=10**9, integer=True)
+        if self.epochs is not None:
+            check_number("--epochs", self.epochs, low=0, high=1e6, low_open=True)
+        check_number("--lr", self.lr, low=0, low_open=True)
+        check_number("--weight-decay", self.weight_decay, low=0)
+        check_number("--grad-clip", self.grad_clip, low=0)
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
             raise DifforgeError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.p_uncond < 1.0:
+        if not (isinstance(self.p_uncond, (int, float)) and 0.0 <= self.p_uncond < 1.0):
             raise DifforgeError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
-        if self.grad_clip < 0:
-            raise DifforgeError(f"--grad-clip must be >= 0, got {self.grad_clip}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise DifforgeError(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )
-        if self.image_size is not None and self.image_size < 4:
-            raise DifforgeError(f"--image-size must be >= 4, got {self.image_size}")
+        if self.image_size is not None:
+            check_number("--image-size", self.image_size, low=4, high=MAX_IMAGE_SIZE, integer=True)
         if self.channels not in (None, 1, 3):
             raise DifforgeError(f"--channels must be 1 or 3, got {self.channels}")
         if self.preview_sampler is not None and self.preview_sampler not in sampler_names():

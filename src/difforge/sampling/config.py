@@ -8,14 +8,16 @@ from it, so a default lives here and nowhere else.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from difforge.errors import DifforgeError, dataclass_from_mapping
+from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
 from difforge.flags import add_dataclass_flags, dataclass_values
 from difforge.sampling.registry import SPACINGS, get_sampler, sampler_names
+
+MAX_SEED = 2**32 - 1
+"""The largest seed accepted (seeds are combined with counters into 64-bit generator seeds)."""
 
 GUIDED_DEFAULT = 3.0
 """The guidance scale used when none is given, for a model trained with condition dropout.
@@ -59,20 +61,20 @@ class SampleConfig:
         """Raise a one-line DifforgeError for a bad setting; returns self."""
         if self.sampler is not None:
             get_sampler(self.sampler, process_kind)
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise DifforgeError(f"--steps must be an integer >= 1, got {self.steps!r}")
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise DifforgeError(f"--eta must be a finite number >= 0, got {self.eta!r}")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise DifforgeError(f"--guidance must be a finite number >= 0, got {self.guidance!r}")
+        check_number("--steps", self.steps, low=1, integer=True)
+        check_number("--eta", self.eta, low=0)
+        if self.guidance is not None:
+            check_number("--guidance", self.guidance, low=0)
+        check_number("--seed", self.seed, low=0, high=MAX_SEED, integer=True)
         if self.spacing not in SPACINGS:
             raise DifforgeError(f"--spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
-        if self.dynamic_threshold is not None and not 0.0 < self.dynamic_threshold <= 1.0:
+        if self.dynamic_threshold is not None and not (
+            isinstance(self.dynamic_threshold, (int, float)) and 0.0 < self.dynamic_threshold <= 1.0
+        ):
             raise DifforgeError(
                 f"--dynamic-threshold must be a percentile in (0, 1], got {self.dynamic_threshold!r}"
             )
-        if self.batch_size < 1:
-            raise DifforgeError(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_number("--batch-size", self.batch_size, low=1, high=65536, integer=True)
         return self
 
     def sampler_for(self, default_sampler: str) -> str:

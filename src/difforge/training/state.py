@@ -67,6 +67,7 @@ def pack_trainer_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[
         "batch_in_epoch": trainer.batch_in_epoch,
         "images_seen": trainer.images_seen,
         "ema_updates": trainer.ema.updates,
+        "nonfinite_steps": trainer.nonfinite_steps,
         "optimizer": optim_meta,
         "scaler": {k: v for k, v in scaler_state.items() if not isinstance(v, torch.Tensor)},
     }
@@ -77,33 +78,75 @@ def pack_trainer_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def restore_trainer_state(trainer: Trainer, folder: Path) -> int:
-    """Load checkpoint ``folder`` (weights, EMA, trainer state) into ``trainer``; its step."""
+    """Load checkpoint ``folder`` (weights, EMA, trainer state) into ``trainer``; its step.
+
+    Everything is checked before the trainer is touched where it can be: the counters must be
+    integers in range and consistent with each other (``epoch * batches_per_epoch +
+    batch_in_epoch == step * grad_accum``: every optimizer step consumed ``grad_accum``
+    batches), the RNG states must be valid. A damaged or inconsistent state is a one-line
+    DifforgeError naming the folder."""
     model_state = load_tensors(folder / "model.safetensors")
     ema_state = load_tensors(folder / "ema.safetensors")
     trainer_path = folder / "trainer.safetensors"
     tensors = load_tensors(trainer_path)
     try:
         meta = json.loads(load_metadata(trainer_path)["trainer"])
+        counters = _checked_counters(meta, trainer)
+        generator_state = tensors["rng/generator"]
+        cpu_state = tensors["rng/torch_cpu"]
         trainer.model.load_state_dict(model_state)
         trainer.ema.model.load_state_dict(ema_state)
         trainer.optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
-    except (KeyError, ValueError, RuntimeError) as error:
+        trainer.generator.set_state(generator_state)
+        torch.set_rng_state(cpu_state)
+        trainer.timestep_sampler.load_state_dict(_prefixed(tensors, "timesteps/"))
+    except DifforgeError as error:
+        raise DifforgeError(f"{folder}: {error}") from None
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, json.JSONDecodeError) as error:
         raise DifforgeError(f"{folder} does not match this model or is damaged ({error})") from None
-    torch.set_rng_state(tensors["rng/torch_cpu"])
-    trainer.generator.set_state(tensors["rng/generator"])
     if torch.cuda.is_available():
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda_")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-    trainer.timestep_sampler.load_state_dict(_prefixed(tensors, "timesteps/"))
     if trainer.scaler.is_enabled() and meta.get("scaler"):
         trainer.scaler.load_state_dict({**meta["scaler"], **_prefixed(tensors, "scaler/")})
-    trainer.step = int(meta["step"])
-    trainer.epoch = int(meta["epoch"])
-    trainer.batch_in_epoch = int(meta["batch_in_epoch"])
-    trainer.images_seen = int(meta["images_seen"])
-    trainer.ema.updates = int(meta["ema_updates"])
+    trainer.step, trainer.epoch, trainer.batch_in_epoch = (
+        counters["step"],
+        counters["epoch"],
+        counters["batch"],
+    )
+    trainer.images_seen = counters["images_seen"]
+    trainer.ema.updates = counters["ema_updates"]
+    trainer.nonfinite_steps = counters["nonfinite_steps"]
     return trainer.step
+
+
+def _checked_counters(meta: Mapping[str, Any], trainer: Trainer) -> dict[str, int]:
+    """The trainer state's counters, each a non-negative integer, consistent with the run."""
+    names = {"step": "step", "epoch": "epoch", "batch": "batch_in_epoch", "images_seen": "images_seen"}
+    counters: dict[str, int] = {}
+    for key, name in {**names, "ema_updates": "ema_updates"}.items():
+        value = meta[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
+            raise DifforgeError(f"trainer state {name} = {value!r} is not a step count")
+        counters[key] = value
+    nonfinite = meta.get("nonfinite_steps", 0)  # absent before difforge 0.2
+    if not isinstance(nonfinite, int) or not 0 <= nonfinite <= counters["step"]:
+        raise DifforgeError(f"trainer state nonfinite_steps = {nonfinite!r} is out of range")
+    counters["nonfinite_steps"] = nonfinite
+    per_epoch = trainer.batches_per_epoch
+    consumed = counters["epoch"] * per_epoch + counters["batch"]
+    if counters["batch"] > per_epoch or consumed != counters["step"] * trainer.config.grad_accum:
+        raise DifforgeError(
+            f"trainer state step {counters['step']}, epoch {counters['epoch']}, batch {counters['batch']} "
+            f"does not fit {per_epoch} batches per epoch and grad_accum {trainer.config.grad_accum} "
+            "(written with another batch size, dataset or number of processes?)"
+        )
+    if counters["ema_updates"] > counters["step"]:
+        raise DifforgeError(
+            f"trainer state: {counters['ema_updates']} EMA updates in {counters['step']} steps is impossible"
+        )
+    return counters
 
 
 def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

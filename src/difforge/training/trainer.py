@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,13 @@ from difforge.conditioning import ConditionContext, build_conditions, prepare_co
 from difforge.errors import DifforgeError
 from difforge.process import Process
 from difforge.runs.config import CONFIG_FILE, RunConfig, TrainConfig
-from difforge.runs.storage import checkpoint_dirs, write_bytes_atomic, write_checkpoint
+from difforge.runs.storage import (
+    checkpoint_dirs,
+    intact_checkpoints,
+    remove_stale_temporaries,
+    write_bytes_atomic,
+    write_checkpoint,
+)
 from difforge.sampling import get_sampler
 from difforge.timestep_sampling import UniformTimestepSampler
 from difforge.training.allocator import keep_freed_memory
@@ -40,6 +48,43 @@ from difforge.training.state import pack_trainer_state, restore_trainer_state
 Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor]]
 """What the data loader yields: images (B, C, H, W) in [-1, 1] and the cond dict."""
 PreviewCallback = Callable[["Trainer"], "Path | None"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step in progress was finished and ``checkpoint`` written,
+    so ``--resume`` continues bit-exactly from ``step``."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class TrainingDiverged(DifforgeError):
+    """Too many optimizer steps in a row with a non-finite loss or gradient."""
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[dict[str, bool]]:
+    """Turn the first Ctrl-C (SIGINT) into a request, ``state["asked"]``, that the training
+    loop honours between steps, so no step, checkpoint or preview is cut in half; a second
+    Ctrl-C raises KeyboardInterrupt at once. Only in the main thread (elsewhere a no-op)."""
+    state = {"asked": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def ask(signum: int, frame: Any) -> None:
+        if state["asked"]:
+            raise KeyboardInterrupt
+        state["asked"] = True
+        print("\nstopping after this step (Ctrl-C again to stop at once, losing it)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Trainer:
@@ -101,6 +146,8 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.images_seen = 0
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self.nonfinite_in_a_row = 0
         self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(
             len(dataset),
             self.config.batch_size,
@@ -204,14 +251,27 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # One scalar read per step: a step with a non-finite loss (or, without fp16 loss
+        # scaling, which skips overflowing steps itself, a non-finite gradient) is not applied.
+        finite = torch.isfinite(totals["loss"])
+        if not self.scaler.is_enabled():
+            finite = finite & torch.isfinite(grad_norm)
+        if bool(finite):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.ema.update(self.model)
+            self.nonfinite_in_a_row = 0
+        else:
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            self.nonfinite_steps += 1
+            self.nonfinite_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
         self.step += 1
         self.images_seen += images_in_step * self.ctx.world_size
         lr = torch.tensor(self.optimizer.param_groups[0]["lr"])
-        return {**totals, "grad_norm": grad_norm.detach(), "lr": lr}
+        skipped = torch.tensor(float(self.nonfinite_steps))
+        return {**totals, "grad_norm": grad_norm.detach(), "lr": lr, "nonfinite_steps": skipped}
 
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -227,21 +287,43 @@ class Trainer:
             dist.all_gather(gathered_t, t)
             dist.all_gather(gathered_l, losses)
             t, losses = torch.cat(gathered_t), torch.cat(gathered_l)
-        self.timestep_sampler.update(t.cpu(), losses.float().cpu())
+        losses = losses.float().cpu()
+        if bool(torch.isfinite(losses).all()):  # a diverged step must not poison the history
+            self.timestep_sampler.update(t.cpu(), losses)
 
     # ---- the loop ------------------------------------------------------------------------
 
     def train(self, stop_after: int | None = None) -> None:
         """Train until ``total_steps`` (or ``stop_after`` more steps, for tests)."""
-        config = self.config
         if self.device.type == "cpu":
             keep_freed_memory()  # reuse freed activations instead of page-faulting them in again
+        if self.ctx.is_main:
+            remove_stale_temporaries(self.run_dir)
         self.write_config()
         batches = self._batches()
         last_step = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         bar = self._progress_bar(last_step)
-        window_start, window_images = time.perf_counter(), 0
         metrics_path = self.run_dir / "metrics.jsonl"
+        with deferred_interrupt() as interrupt:
+            try:
+                self._loop(batches, last_step, bar, metrics_path, interrupt)
+            finally:
+                if bar is not None:
+                    bar.close()
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+
+    def _loop(
+        self,
+        batches: Iterator[Batch],
+        last_step: int,
+        bar: Any,
+        metrics_path: Path,
+        interrupt: dict[str, bool],
+    ) -> None:
+        config = self.config
+        window_start, window_images = time.perf_counter(), 0
         while self.step < last_step:
             step_scalars = self.train_step(batches)
             window_images += config.batch_size * config.grad_accum * self.ctx.world_size
@@ -253,15 +335,35 @@ class Trainer:
                 logged["images_per_s"] = window_images / max(elapsed, 1e-9)
                 window_start, window_images = time.perf_counter(), 0
                 self._log(logged, metrics_path, bar)
+            if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
+                raise self._diverged()
             at_end = self.step == self.total_steps
             if self._due(config.sample_every, at_end):
                 self.preview()
-            if self._due(config.checkpoint_every, at_end) or self.step == last_step:
+            saved = self._due(config.checkpoint_every, at_end) or self.step == last_step
+            if saved:
                 self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        if self._writer is not None:
-            self._writer.close()
+            if self._interrupt_asked(interrupt):
+                raise TrainingInterrupted(self.step, self.save_checkpoint() if not saved else None)
+
+    def _interrupt_asked(self, interrupt: dict[str, bool]) -> bool:
+        """Whether Ctrl-C was pressed on any rank (all ranks stop after the same step)."""
+        if self.ctx.world_size == 1:
+            return interrupt["asked"]
+        flag = torch.tensor(float(interrupt["asked"]), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def _diverged(self) -> TrainingDiverged:
+        found = checkpoint_dirs(self.run_dir)
+        kept = f"its newest checkpoint {found[-1].name} is intact" if found else "no checkpoint was written"
+        lr = self.optimizer.param_groups[0]["lr"]
+        return TrainingDiverged(
+            f"training diverged: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+            f"(last at step {self.step}, learning rate {lr:g}); they were not applied and {kept}. "
+            "Continue with a lower learning rate: "
+            f"difforge train --resume --out {self.run_dir} --lr {lr / 10:g}"
+        )
 
     def _due(self, every: int, at_end: bool) -> bool:
         return at_end or (every > 0 and self.step % every == 0)
@@ -323,8 +425,15 @@ class Trainer:
             write_bytes_atomic(self.run_dir / CONFIG_FILE, self.run_config.to_json().encode())
 
     def save_checkpoint(self) -> Path | None:
+        """Write checkpoint ``step`` (rank 0); weights that are not all finite are never written."""
         if not self.ctx.is_main:
             return None
+        for name, module in (("weights", self.model), ("EMA weights", self.ema.model)):
+            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+                raise TrainingDiverged(
+                    f"the {name} at step {self.step} are not all finite: checkpoint not written "
+                    f"(the previous ones are intact); lower --lr and resume"
+                )
         if not (self.run_dir / CONFIG_FILE).is_file():
             self.write_config()
         weights_meta = {"format": "pt", "library": "difforge", "step": str(self.step)}
@@ -336,11 +445,30 @@ class Trainer:
         return write_checkpoint(self.run_dir, self.step, files, self.config.keep_checkpoints)
 
     def resume(self) -> int:
-        """Load the newest checkpoint of the run; returns its step (0 if there is none)."""
-        found = checkpoint_dirs(self.run_dir)
-        if not found:
-            raise DifforgeError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        return restore_trainer_state(self, found[-1])
+        """Load the newest intact checkpoint of the run; returns its step.
+
+        A checkpoint whose manifest, files or trainer state do not check out is skipped with
+        a note on stderr naming it and why, and the next older one is tried; none at all is a
+        one-line DifforgeError."""
+        intact, skipped = intact_checkpoints(self.run_dir)
+        for folder in reversed(intact):
+            try:
+                step = restore_trainer_state(self, folder)
+            except DifforgeError as error:
+                skipped.append((folder, str(error)))
+                continue
+            self._report_skipped(skipped, folder)
+            return step
+        self._report_skipped(skipped, None)
+        raise DifforgeError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+
+    def _report_skipped(self, skipped: list[tuple[Path, str]], used: Path | None) -> None:
+        if not self.ctx.is_main:
+            return
+        for folder, reason in skipped:
+            print(f"note: skipped checkpoint {folder.name}: {reason}", file=sys.stderr)
+        if skipped and used is not None:
+            print(f"note: resuming from {used.name}", file=sys.stderr)
 
 
 DEFAULT_STEPS = {"tiny": 200, "mnist": 1500}

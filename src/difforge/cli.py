@@ -472,13 +472,19 @@ def _run_info(args: argparse.Namespace) -> int:
     checkpoints = checkpoint_dirs(run)
     last_metrics: dict[str, Any] = {}
     metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        lines = metrics.read_text(encoding="utf-8").strip().splitlines()
-        if lines:
+    if metrics.is_file():  # the last line that parses: a killed run may have cut the last one
+        try:
+            lines = metrics.read_bytes().decode("utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        for line in reversed(lines):
             try:
-                last_metrics = json.loads(lines[-1])
+                parsed = json.loads(line)
             except json.JSONDecodeError:
-                last_metrics = {}
+                continue
+            if isinstance(parsed, dict):
+                last_metrics = parsed
+                break
     model = config.model
     print(f"run:        {run}")
     print(f"version:    difforge {config.difforge_version}")
@@ -498,9 +504,9 @@ def _run_info(args: argparse.Namespace) -> int:
     else:
         print("checkpoints: none")
     if last_metrics:
-        print(
-            f"last log:   step {last_metrics.get('step')}, loss {last_metrics.get('loss', float('nan')):.4f}"
-        )
+        loss = last_metrics.get("loss")
+        shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else repr(loss)
+        print(f"last log:   step {last_metrics.get('step')}, loss {shown}")
     return 0
 
 

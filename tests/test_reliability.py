@@ -189,6 +189,23 @@ def test_ctrl_c_finishes_the_step_and_resumes_bit_exactly(tmp_path: Path, monkey
 # ---- the trainer state is validated ---------------------------------------------------------
 
 
+def _damage_trainer_state(run: Path, edit_meta=None, edit_tensors=None) -> Path:  # noqa: ANN001
+    """Rewrite the newest checkpoint's trainer.safetensors with edited metadata or tensors."""
+    folder = checkpoint_dirs(run)[-1]
+    path = folder / "trainer.safetensors"
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    if edit_meta is not None:
+        meta = json.loads(metadata["trainer"])
+        edit_meta(meta)
+        metadata["trainer"] = json.dumps(meta)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    return folder
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -203,15 +220,7 @@ def test_ctrl_c_finishes_the_step_and_resumes_bit_exactly(tmp_path: Path, monkey
 def test_nonsense_trainer_state_is_refused(tmp_path: Path, field: str, value: object) -> None:
     run = tmp_path / "run"
     _trainer(run, steps=2).train()
-    folder = checkpoint_dirs(run)[-1]
-    path = folder / "trainer.safetensors"
-    tensors = load_tensors(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-    meta = json.loads(metadata["trainer"])
-    meta[field] = value
-    metadata["trainer"] = json.dumps(meta)
-    save_file(tensors, str(path), metadata=metadata)
+    folder = _damage_trainer_state(run, edit_meta=lambda meta: meta.__setitem__(field, value))
     with pytest.raises(DifforgeError, match=str(folder)):
         restore_trainer_state(_trainer(run, steps=2), folder)
 
@@ -219,13 +228,8 @@ def test_nonsense_trainer_state_is_refused(tmp_path: Path, field: str, value: ob
 def test_a_damaged_rng_state_is_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _trainer(run, steps=2).train()
-    folder = checkpoint_dirs(run)[-1]
-    path = folder / "trainer.safetensors"
-    tensors = load_tensors(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-    tensors["rng/generator"] = torch.zeros(7, dtype=torch.uint8)
-    save_file(tensors, str(path), metadata=metadata)
+    damage = lambda tensors: tensors.__setitem__("rng/generator", torch.zeros(7, dtype=torch.uint8))  # noqa: E731
+    folder = _damage_trainer_state(run, edit_tensors=damage)
     with pytest.raises(DifforgeError, match="does not match this model or is damaged"):
         restore_trainer_state(_trainer(run, steps=2), folder)
 

@@ -480,7 +480,7 @@ def _run_info(args: argparse.Namespace) -> int:
         for line in reversed(lines):
             try:
                 parsed = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or an integer too long to convert
                 continue
             if isinstance(parsed, dict):
                 last_metrics = parsed

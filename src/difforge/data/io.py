@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +419,12 @@ def _decode(img: Image.Image, mode: ImageMode, draft_size: int | None) -> Image.
     if transpose is not None:
         img = img.transpose(transpose)
     return img.convert(mode) if img.mode != mode else img.copy()
+
+
+# Pillow's plugins warn about damaged files they still half-read ("Corrupt EXIF data", ...):
+# such a file is either decoded or skipped and counted here, so the warning would only add
+# lines to the one-line report. Only warnings raised from inside Pillow are silenced.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 def open_image(

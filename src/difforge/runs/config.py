@@ -166,6 +166,17 @@ class DataInfo:
     skipped: int = 0
     attribution: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.class_names, list) or not all(isinstance(n, str) for n in self.class_names):
+            raise DifforgeError("'data' class_names must be a list of strings")
+        for name in ("source", "fingerprint", "attribution"):
+            if not isinstance(getattr(self, name), str):
+                raise DifforgeError(f"'data' {name} must be a string")
+        for name in ("num_images", "skipped"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise DifforgeError(f"'data' {name} must be a count, got {value!r}")
+
 
 def conditioning_of(model: Any) -> list[str]:
     """The condition kinds a model config takes (for config files that do not list them)."""

@@ -103,7 +103,11 @@ def restore_trainer_state(trainer: Trainer, folder: Path) -> int:
     except DifforgeError as error:
         raise DifforgeError(f"{folder}: {error}") from None
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError, json.JSONDecodeError) as error:
-        raise DifforgeError(f"{folder} does not match this model or is damaged ({error})") from None
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DifforgeError(
+            f"{folder} does not match this model or is damaged ({first}); if config.json was edited, "
+            "restore it"
+        ) from None
     if torch.cuda.is_available():
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda_")]
         if len(cuda_states) == torch.cuda.device_count():

@@ -453,14 +453,16 @@ def open_image(
             raise UnreadableImageError(name, "empty file (0 bytes)")
         _size_limit.value = limit  # Pillow's size check applies `limit` in this thread
         try:
-            with Image.open(name) as img:
-                _check_pixels(img.size, limit)  # in case Pillow did not call the check
-                if draft_size is not None and img.format == "JPEG":
-                    img.draft(img.mode, (draft_size, draft_size))
-                width, height = img.size
-                large = width * height > LARGE_IMAGE_PIXELS
-                with _LARGE_DECODE if large else contextlib.nullcontext():
-                    return _decode(img, mode, draft_size)
+            with warnings.catch_warnings():  # Pillow half-reading a damaged file warns; it is counted instead
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+                with Image.open(name) as img:
+                    _check_pixels(img.size, limit)  # in case Pillow did not call the check
+                    if draft_size is not None and img.format == "JPEG":
+                        img.draft(img.mode, (draft_size, draft_size))
+                    width, height = img.size
+                    large = width * height > LARGE_IMAGE_PIXELS
+                    with _LARGE_DECODE if large else contextlib.nullcontext():
+                        return _decode(img, mode, draft_size)
         finally:
             _size_limit.value = None
     except UnreadableImageError:

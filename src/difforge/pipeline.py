@@ -161,7 +161,6 @@ class Pipeline:
         )
         return np.concatenate(list(batches))
 
-    @torch.no_grad()
     def batches(
         self,
         num_images: int = 16,

@@ -256,7 +256,16 @@ def test_guided_model_runs_in_a_sampler_with_one_call_per_step():
 # ---- reproducibility, callbacks, dispatcher ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+STOCHASTIC = {
+    "ddpm": {},
+    "ddim": {"eta": 1.0},
+    "euler_ancestral": {},
+    "dpmpp_2m_sde": {},
+    "edm": {"s_churn": 10.0},
+}
+
+
+@pytest.mark.parametrize("name", list(STOCHASTIC))
 def test_stochastic_samplers_are_reproducible_with_a_generator(name, fake_model):
     diffusion = make(1000, "linear")
     noise = randn(*SHAPE, seed=10)
@@ -268,8 +277,8 @@ def test_stochastic_samplers_are_reproducible_with_a_generator(name, fake_model)
             noise,
             sampler=name,
             steps=8,
-            eta=1.0,
             generator=torch.Generator().manual_seed(seed),
+            **STOCHASTIC[name],
         )
 
     torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
@@ -294,9 +303,7 @@ def test_callback_once_per_step_with_shapes(name, fake_model):
 def test_dispatcher_rejects_bad_arguments(fake_model):
     diffusion = make(100)
     noise = randn(*SHAPE)
-    with pytest.raises(
-        ValueError, match="sampler must be one of ddpm, ddim, euler, heun, dpmpp_2m; got 'plms'"
-    ):
+    with pytest.raises(ValueError, match="sampler must be one of ddpm, ddim, .*, edm; got .plms."):
         sample(fake_model(2), diffusion, noise, sampler="plms")
     with pytest.raises(DifforgeError, match=r"steps must be an integer in 1..100 for this model; got 101"):
         sample(fake_model(2), diffusion, noise, sampler="ddim", steps=101)

@@ -31,11 +31,15 @@ from difforge.sampling.samplers import (
     DiscreteDenoiser,
     StepInfo,
     StepOutput,
+    ancestral_levels,
     ddim,
     ddim_step,
     ddpm,
     dpmpp_2m,
+    dpmpp_2m_sde,
+    edm,
     euler,
+    euler_ancestral,
     heun,
     karras_sigmas,
     logsnr_sigmas,
@@ -66,8 +70,9 @@ def sample(
     ``clip_denoised`` keyword is accepted as ``clip``. Guidance and the seed are `generate`'s
     business. For the Gaussian process ``ddpm`` and ``ddim`` respace the chain to ``steps``
     evenly spread steps (IDDPM's rule); ``euler``, ``heun`` and ``dpmpp_2m`` integrate the
-    ODE over ``steps`` noise levels spaced by ``spacing`` (uniform in t, uniform in log-SNR,
-    or Karras et al.'s rho = 7).
+    ODE, and ``euler_ancestral``, ``dpmpp_2m_sde`` and ``edm`` the reverse SDE, over ``steps``
+    noise levels spaced by ``spacing`` (uniform in t, uniform in log-SNR, or Karras et al.'s
+    rho = 7).
     """
     if "clip_denoised" in settings:
         settings["clip"] = settings.pop("clip_denoised")
@@ -130,11 +135,15 @@ __all__ = [
     "StepInfo",
     "StepOutput",
     "classifier_free_guidance",
+    "ancestral_levels",
     "ddim",
     "ddim_step",
     "ddpm",
     "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "edm",
     "euler",
+    "euler_ancestral",
     "generate",
     "get_sampler",
     "heun",

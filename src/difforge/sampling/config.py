@@ -14,7 +14,7 @@ from typing import Any
 
 from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
 from difforge.flags import add_dataclass_flags, dataclass_values
-from difforge.sampling.registry import SPACINGS, get_sampler, sampler_names
+from difforge.sampling.registry import SAMPLERS, SPACINGS, SamplerEntry, get_sampler, sampler_names
 
 MAX_SEED = 2**32 - 1
 """The largest seed accepted (seeds are combined with counters into 64-bit generator seeds)."""
@@ -35,8 +35,16 @@ class SampleConfig:
     Attributes:
         sampler: a registered sampler (`difforge.sampling.registry`); None = the process's
             ``default_sampler`` (dpmpp_2m for Gaussian diffusion).
-        steps: sampler steps K (NFE: K, or 2K - 1 for heun).
-        eta: DDIM's eta (0 = deterministic, 1 = DDPM's variance on the kept steps).
+        steps: sampler steps K (NFE: K, or 2K - 1 for heun and edm).
+        eta: the share of fresh noise per step, for ddim (0 = deterministic, 1 = DDPM's
+            variance on the kept steps), euler_ancestral and dpmpp_2m_sde (0 = their ODE
+            solver, 1 = the ancestral/SDE amount).
+        s_churn, s_tmin, s_tmax: EDM's stochastic churn (sampler edm): the noise is raised
+            by gamma = min(s_churn / K, sqrt(2) - 1) at the levels in [s_tmin, s_tmax].
+        s_noise: scale of the fresh noise (EDM's S_noise; edm, euler_ancestral,
+            dpmpp_2m_sde).
+            For these five sampler options None = the sampler's own default
+            (`SamplerEntry.options`); setting one the sampler does not take is an error.
         guidance: classifier-free guidance scale w (1 = off, 0 = unconditional); None =
             `GUIDED_DEFAULT` for a model trained with condition dropout, 1 otherwise.
         spacing: noise levels of the ODE samplers: uniform (in t), logsnr or karras.
@@ -49,7 +57,11 @@ class SampleConfig:
 
     sampler: str | None = None
     steps: int = 20
-    eta: float = 0.0
+    eta: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
     guidance: float | None = None
     spacing: str = "karras"
     clip: bool = True
@@ -62,7 +74,13 @@ class SampleConfig:
         if self.sampler is not None:
             get_sampler(self.sampler, process_kind)
         check_number("--steps", self.steps, low=1, integer=True)
-        check_number("--eta", self.eta, low=0)
+        for name in SAMPLER_OPTIONS:
+            if getattr(self, name) is not None:
+                check_number(_flag(name), getattr(self, name), low=0)
+        if self.s_tmin is not None and self.s_tmax is not None and self.s_tmax < self.s_tmin:
+            raise DifforgeError(f"--s-tmax must be >= --s-tmin, got {self.s_tmax} < {self.s_tmin}")
+        if self.sampler is not None:
+            self.sampler_options(SAMPLERS[self.sampler])
         if self.guidance is not None:
             check_number("--guidance", self.guidance, low=0)
         check_number("--seed", self.seed, low=0, high=MAX_SEED, integer=True)
@@ -80,6 +98,19 @@ class SampleConfig:
     def sampler_for(self, default_sampler: str) -> str:
         """The sampler to run: this config's, or the process's default."""
         return self.sampler if self.sampler is not None else default_sampler
+
+    def sampler_options(self, entry: SamplerEntry) -> dict[str, float]:
+        """The options ``entry``'s sampler takes, each this config's value or else the
+        sampler's default; a one-line DifforgeError for an option set that it does not take."""
+        given = {name: getattr(self, name) for name in SAMPLER_OPTIONS if getattr(self, name) is not None}
+        foreign = [name for name in given if name not in entry.options]
+        if foreign:
+            takes = ", ".join(_flag(name) for name in entry.options) or "none"
+            raise DifforgeError(
+                f"{', '.join(_flag(name) for name in foreign)} does not apply to sampler "
+                f"{entry.name!r} (its options: {takes})"
+            )
+        return {**entry.options, **given}
 
     def guidance_for(self, guidable: bool) -> float:
         """The scale to use: this config's, or `GUIDED_DEFAULT` when the model has a null
@@ -115,10 +146,23 @@ class SampleConfig:
         return dataclass_from_mapping(cls, data, "sampling setting(s)")
 
 
+SAMPLER_OPTIONS: tuple[str, ...] = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+"""The settings that belong to particular samplers (their defaults: `SamplerEntry.options`)."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 FLAG_HELP = {
     "sampler": "sampler: {choices} (default: the process's own, dpmpp_2m for Gaussian diffusion)",
     "steps": "sampler steps",
-    "eta": "DDIM eta: 0 deterministic",
+    "eta": "share of fresh noise per step: ddim (default 0 = deterministic), euler_ancestral and "
+    "dpmpp_2m_sde (default 1)",
+    "s_churn": "EDM churn of sampler edm: noise raised by min(S/steps, 0.414) per step (default: {s_churn})",
+    "s_tmin": "edm churns only at noise levels >= this (default: {s_tmin})",
+    "s_tmax": "edm churns only at noise levels <= this (default: {s_tmax})",
+    "s_noise": "scale of the fresh noise of edm, euler_ancestral, dpmpp_2m_sde (default: 1)",
     "guidance": "classifier-free guidance scale w; 1 = off (default: {guided} for a model trained "
     "with label dropout, else 1)",
     "spacing": "noise levels of the ODE samplers: uniform, logsnr or karras",
@@ -141,6 +185,9 @@ def add_sample_flags(
         helps["sampler"] = helps["sampler"].format(choices=", ".join(sampler_names()))
     if "guidance" in helps:
         helps["guidance"] = helps["guidance"].format(guided=f"{GUIDED_DEFAULT:g}")
+    for name in ("s_churn", "s_tmin", "s_tmax"):
+        if name in helps:
+            helps[name] = helps[name].format(**{name: f"{SAMPLERS['edm'].options[name]:g}"})
     add_dataclass_flags(parser, SampleConfig, helps, _DEST)
 
 

@@ -8,8 +8,9 @@ and every "unknown sampler" error read `SAMPLERS`. Adding a sampler is one pure 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +23,10 @@ from difforge.sampling.samplers import (
     ddim,
     ddpm,
     dpmpp_2m,
+    dpmpp_2m_sde,
+    edm,
     euler,
+    euler_ancestral,
     heun,
     karras_sigmas,
     logsnr_sigmas,
@@ -50,6 +54,9 @@ class SamplerEntry:
         evaluations: model evaluations (NFE, before guidance doubling) of K steps.
         processes: the process kinds (``Process.kind``) it applies to.
         summary: one line for help texts and reports.
+        options: the sampler's own `SampleConfig` settings (``eta``, ``s_churn``, ...) and
+            their defaults, the one place those defaults live; a config that leaves one
+            None gets this value, and setting one the sampler does not take is an error.
     """
 
     name: str
@@ -58,6 +65,7 @@ class SamplerEntry:
     evaluations: Callable[[int], int]
     processes: tuple[str, ...]
     summary: str = ""
+    options: Mapping[str, float] = field(default_factory=dict)
 
 
 SAMPLERS: dict[str, SamplerEntry] = {}
@@ -71,9 +79,10 @@ def register_sampler(
     processes: tuple[str, ...],
     evaluations: Callable[[int], int] = lambda steps: steps,
     summary: str = "",
+    options: Mapping[str, float] | None = None,
 ) -> SamplerEntry:
     """Add (or replace) a sampler; returns its entry."""
-    entry = SamplerEntry(name, function, run, evaluations, tuple(processes), summary)
+    entry = SamplerEntry(name, function, run, evaluations, tuple(processes), summary, dict(options or {}))
     SAMPLERS[name] = entry
     return entry
 
@@ -131,10 +140,10 @@ def _runner(
     schedule: Callable[[GaussianDiffusion, SampleConfig], np.ndarray],
     *,
     stochastic: bool,
-    with_eta: bool = False,
 ) -> Runner:
     """The adapter of a Gaussian sampler: its timesteps or noise levels from ``schedule``,
-    clipping from the config, the generator for the samplers that draw noise."""
+    clipping from the config, the sampler's own options (`SamplerEntry.options`, resolved by
+    `SampleConfig.sampler_options`), the generator for the samplers that draw noise."""
 
     def run(
         model: Denoiser,
@@ -151,11 +160,10 @@ def _runner(
             "clip_denoised": config.clip,
             "dynamic_threshold": config.dynamic_threshold,
             "callback": callback,
+            **config.sampler_options(SAMPLERS[config.sampler_for(diffusion.default_sampler)]),
         }
         if stochastic:
             options["generator"] = generator
-        if with_eta:
-            options["eta"] = config.eta
         return solver(model, diffusion, noise, schedule(diffusion, config), **options)
 
     return run
@@ -172,9 +180,10 @@ register_sampler(
 register_sampler(
     "ddim",
     ddim,
-    _runner(ddim, _respaced_timesteps, stochastic=True, with_eta=True),
+    _runner(ddim, _respaced_timesteps, stochastic=True),
     processes=_GAUSSIAN,
     summary="DDIM with eta on the respaced chain",
+    options={"eta": 0.0},
 )
 register_sampler(
     "euler",
@@ -197,4 +206,29 @@ register_sampler(
     _runner(dpmpp_2m, _spaced_noise_levels, stochastic=False),
     processes=_GAUSSIAN,
     summary="DPM-Solver++(2M) on the probability-flow ODE",
+)
+register_sampler(
+    "euler_ancestral",
+    euler_ancestral,
+    _runner(euler_ancestral, _spaced_noise_levels, stochastic=True),
+    processes=_GAUSSIAN,
+    summary="Euler ancestral: Euler to sigma_down, then fresh noise up to the next level",
+    options={"eta": 1.0, "s_noise": 1.0},
+)
+register_sampler(
+    "dpmpp_2m_sde",
+    dpmpp_2m_sde,
+    _runner(dpmpp_2m_sde, _spaced_noise_levels, stochastic=True),
+    processes=_GAUSSIAN,
+    summary="DPM-Solver++(2M) SDE: the multistep solver with fresh noise each step",
+    options={"eta": 1.0, "s_noise": 1.0},
+)
+register_sampler(
+    "edm",
+    edm,
+    _runner(edm, _spaced_noise_levels, stochastic=True),
+    processes=_GAUSSIAN,
+    evaluations=lambda steps: 2 * steps - 1,
+    summary="EDM's stochastic Heun sampler (Alg. 2: churn s_churn in [s_tmin, s_tmax])",
+    options={"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0},
 )

@@ -487,19 +487,21 @@ class DiscreteDenoiser:
 def _report(
     callback: Callback | None,
     denoiser: DiscreteDenoiser,
-    levels: list[float],
-    i: int,
+    index: int,
+    total: int,
+    sigmas: tuple[float, float],
     x: torch.Tensor,
     x0: torch.Tensor,
     x_next: torch.Tensor,
 ) -> None:
-    """Step i from levels[i] to levels[i + 1], shown in the x_t scale: x / sqrt(1 + sigma^2)."""
+    """Step ``index`` of ``total``: the model saw x at noise level ``sigmas[0]`` and the step
+    went to ``sigmas[1]``; shown in the x_t scale, x / sqrt(1 + sigma^2)."""
     if callback is not None:
-        sigma, sigma_next = levels[i], levels[i + 1]
+        sigma, sigma_next = sigmas
         callback(
             StepInfo(
-                i,
-                len(levels) - 1,
+                index,
+                total,
                 denoiser.timestep(sigma),
                 x / math.sqrt(1.0 + sigma**2),
                 x0,
@@ -518,6 +520,21 @@ def _ode_setup(
     denoiser = DiscreteDenoiser(model, diffusion, **options)
     levels = _checked_sigmas(sigmas)
     return denoiser, levels, noise * math.sqrt(1.0 + levels[0] ** 2)
+
+
+def _heun_step(
+    denoiser: DiscreteDenoiser, x: torch.Tensor, sigma: float, sigma_next: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Heun step of dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next (EDM
+    Alg. 1, lines 5-8): Euler, then the trapezoid of both slopes unless sigma_next = 0.
+    Returns x at sigma_next and the first evaluation's x0_hat."""
+    x0 = denoiser(x, sigma)
+    slope = (x - x0) / sigma
+    x_next = x + slope * (sigma_next - sigma)
+    if sigma_next != 0.0:
+        slope_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
+        x_next = x + 0.5 * (slope + slope_next) * (sigma_next - sigma)
+    return x_next, x0
 
 
 @torch.no_grad()
@@ -539,7 +556,7 @@ def euler(
         sigma, sigma_next = levels[i], levels[i + 1]
         x0 = denoiser(x, sigma)
         x_next = x + (x - x0) / sigma * (sigma_next - sigma)
-        _report(callback, denoiser, levels, i, x, x0, x_next)
+        _report(callback, denoiser, i, len(levels) - 1, (sigma, sigma_next), x, x0, x_next)
         x = x_next
     return x
 
@@ -560,13 +577,8 @@ def heun(
     denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        x0 = denoiser(x, sigma)
-        slope = (x - x0) / sigma
-        x_next = x + slope * (sigma_next - sigma)
-        if sigma_next != 0.0:
-            slope_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
-            x_next = x + 0.5 * (slope + slope_next) * (sigma_next - sigma)
-        _report(callback, denoiser, levels, i, x, x0, x_next)
+        x_next, x0 = _heun_step(denoiser, x, sigma, sigma_next)
+        _report(callback, denoiser, i, len(levels) - 1, (sigma, sigma_next), x, x0, x_next)
         x = x_next
     return x
 
@@ -606,6 +618,162 @@ def dpmpp_2m(
                 direction = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * previous_x0
             x_next = (sigma_next / sigma) * x - math.expm1(-h) * direction
             previous_x0, previous_h = x0, h
-        _report(callback, denoiser, levels, i, x, x0, x_next)
+        _report(callback, denoiser, i, len(levels) - 1, (sigma, sigma_next), x, x0, x_next)
+        x = x_next
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# Stochastic samplers in variance-exploding variables
+# --------------------------------------------------------------------------------------
+#
+# Each adds fresh noise along the way, which corrects the errors of an imperfect denoiser
+# that a deterministic ODE solver carries to the end (EDM sec. 4). Noise comes from
+# ``generator`` or exactly from ``step_noise`` (``(index, x) -> z`` or a (K, *noise.shape)
+# tensor, as in `ddpm`), asked for only at the steps that use it, in order.
+
+
+def ancestral_levels(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next in VE variables:
+
+        sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
+        sigma_down = sqrt(sigma_next^2 - sigma_up^2),
+
+    a deterministic step to sigma_down, then noise of std sigma_up brings the level back to
+    sigma_next. eta = 1 is the DDPM posterior's variance, eta = 0 the plain ODE step."""
+    if sigma_next == 0.0:
+        return 0.0, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+@torch.no_grad()
+def euler_ancestral(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    sigmas: Sequence[float] | np.ndarray,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    step_noise: StepNoise | None = None,
+    callback: Callback | None = None,
+    **denoiser_options: Any,
+) -> torch.Tensor:
+    """Euler ancestral: per step an Euler step of the probability-flow ODE to sigma_down, then
+    x += s_noise sigma_up z (`ancestral_levels`); one model call per step, the last step (to 0)
+    returns x0_hat. z of step i (0 .. K-2) comes from ``generator`` or ``step_noise``."""
+    denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
+    total = len(levels) - 1
+    draw = step_noise_source(step_noise, generator, total, noise)
+    eta = _checked_eta(eta)
+    for i in range(total):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        x0 = denoiser(x, sigma)
+        sigma_down, sigma_up = ancestral_levels(sigma, sigma_next, eta)
+        x_next = x + (x - x0) / sigma * (sigma_down - sigma)
+        if sigma_up > 0.0:
+            x_next = x_next + (s_noise * sigma_up) * draw(i, x)
+        _report(callback, denoiser, i, total, (sigma, sigma_next), x, x0, x_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_sde(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    sigmas: Sequence[float] | np.ndarray,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    step_noise: StepNoise | None = None,
+    callback: Callback | None = None,
+    **denoiser_options: Any,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b, the SDE variant of Alg. 2; midpoint form), data
+    prediction in VE variables with h = log sigma - log sigma_next:
+
+        x_next = (sigma_next / sigma) e^{-eta h} x + (1 - e^{-(1 + eta) h}) x0_hat_i
+                 + 1/2 (1 - e^{-(1 + eta) h}) / r (x0_hat_i - x0_hat_{i-1})
+                 + s_noise sigma_next sqrt(1 - e^{-2 eta h}) z,          r = h_{i-1} / h_i,
+
+    first order at the first step, x_next = x0_hat at the last one (sigma_next = 0). eta = 1
+    is diffusers' "sde-dpmsolver++", eta = 0 is `dpmpp_2m` exactly. One model call per step;
+    z of step i (0 .. K-2) comes from ``generator`` or ``step_noise``."""
+    denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
+    total = len(levels) - 1
+    draw = step_noise_source(step_noise, generator, total, noise)
+    eta = _checked_eta(eta)
+    previous_x0: torch.Tensor | None = None
+    previous_h = 0.0
+    for i in range(total):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        x0 = denoiser(x, sigma)
+        if sigma_next == 0.0:
+            x_next = x0
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            gain = -math.expm1(-(1.0 + eta) * h)
+            x_next = (sigma_next / sigma) * math.exp(-eta * h) * x + gain * x0
+            if previous_x0 is not None:
+                x_next = x_next + (0.5 * gain * h / previous_h) * (x0 - previous_x0)
+            if eta > 0.0:
+                x_next = x_next + (s_noise * sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h))) * draw(i, x)
+            previous_x0, previous_h = x0, h
+        _report(callback, denoiser, i, total, (sigma, sigma_next), x, x0, x_next)
+        x = x_next
+    return x
+
+
+def _checked_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
+    if s_churn < 0 or s_noise < 0 or s_tmin < 0 or s_tmax < s_tmin:
+        raise DifforgeError(
+            f"need s_churn >= 0, s_noise >= 0 and 0 <= s_tmin <= s_tmax, got s_churn={s_churn}, "
+            f"s_tmin={s_tmin}, s_tmax={s_tmax}, s_noise={s_noise}"
+        )
+
+
+@torch.no_grad()
+def edm(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    sigmas: Sequence[float] | np.ndarray,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    step_noise: StepNoise | None = None,
+    callback: Callback | None = None,
+    **denoiser_options: Any,
+) -> torch.Tensor:
+    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): at each level sigma_i in
+    [s_tmin, s_tmax] the noise is first raised to sigma_hat = (1 + gamma) sigma_i,
+
+        gamma = min(s_churn / K, sqrt(2) - 1),  x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise z,
+
+    then a Heun step (`heun`) goes from sigma_hat to sigma_{i+1}; Euler at the last step.
+    s_churn = 0 is `heun` exactly. 2K - 1 model calls; z of step i (only at the churned
+    steps) comes from ``generator`` or ``step_noise``."""
+    _checked_churn(s_churn, s_tmin, s_tmax, s_noise)
+    denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
+    total = len(levels) - 1
+    draw = step_noise_source(step_noise, generator, total, noise)
+    gamma_max = min(s_churn / total, math.sqrt(2.0) - 1.0)
+    for i in range(total):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        gamma = gamma_max if s_tmin <= sigma <= s_tmax else 0.0
+        if gamma > 0.0:
+            sigma_hat = sigma * (1.0 + gamma)
+            x = x + (s_noise * math.sqrt(sigma_hat**2 - sigma**2)) * draw(i, x)
+            sigma = sigma_hat
+        x_next, x0 = _heun_step(denoiser, x, sigma, sigma_next)
+        _report(callback, denoiser, i, total, (sigma, sigma_next), x, x0, x_next)
         x = x_next
     return x

@@ -14,9 +14,9 @@ class-balanced images (digits 0-9 cycled, one seed for all settings) and reports
 One JSON line per setting, then a Markdown table; a 10x10 grid per setting in ``--out``.
 
 Training (``--train-steps``) runs ``difforge train`` on the train split exported as class
-folders, with any extra ``--train-args``; ``--run DIR`` reuses a run instead (a run trained on
-all of MNIST-5k, like the quick start's, has seen the held-out split: its held-out FID is then
-marked as such).
+folders (or with ``--all-data`` on all of MNIST-5k, as the quick start does), with any extra
+``--train-args``; ``--run DIR`` reuses a run instead. A run trained on all of MNIST-5k has
+seen the held-out split: its held-out FID is then marked as such.
 
 Usage::
 
@@ -127,12 +127,21 @@ def export_train_split(images: np.ndarray, labels: np.ndarray) -> Path:
     return root
 
 
-def train(out: Path, steps: int, extra: list[str]) -> float:
-    """Train on the train split; returns the wall-clock seconds."""
-    folder = export_train_split(*split()[:2])
-    command = [sys.executable, "-m", "difforge", "train", str(folder), "--class-folders",
-               "--preset", "mnist", "--image-size", "32", "--channels", "1",
-               "--steps", str(steps), "--out", str(out), *extra]  # fmt: skip
+def train(out: Path, steps: int, extra: list[str], all_data: bool) -> float:
+    """Train on the train split (or the built-in mnist); returns the wall-clock seconds."""
+    if all_data:
+        data = ["mnist"]
+    else:
+        data = [
+            str(export_train_split(*split()[:2])),
+            "--class-folders",
+            "--image-size",
+            "32",
+            "--channels",
+            "1",
+        ]
+    command = [sys.executable, "-m", "difforge", "train", *data, "--preset", "mnist",
+               "--steps", str(steps), "--out", str(out), "--no-progress", *extra]  # fmt: skip
     print("$", " ".join(command), file=sys.stderr, flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -162,10 +171,16 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="reuse this run instead of training")
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--train-args", default="", help="extra difforge train flags, one string")
+    parser.add_argument(
+        "--all-data", action="store_true", help="train on all of MNIST-5k (as the quick start does) instead"
+    )
     parser.add_argument("--settings", default="dpmpp_2m:20,ddpm:50")
     parser.add_argument("-n", "--num-images", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("bench-out/quality"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="the run's EMA or raw weights"
+    )
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,8 +189,8 @@ def main() -> None:
     run = args.run
     if run is None:
         run = args.out / "run"
-        train_seconds = train(run, args.train_steps, args.train_args.split())
-    pipe = Pipeline.from_run(run, device="cpu")
+        train_seconds = train(run, args.train_steps, args.train_args.split(), args.all_data)
+    pipe = Pipeline.from_run(run, device="cpu", weights=args.weights)
     seen_held_out = pipe.run_config.data.source == "mnist"  # the built-in: all of MNIST-5k
 
     net = digit_classifier(train_x, train_y)
@@ -187,10 +202,11 @@ def main() -> None:
         ),
         "all": compute_stats(builtin_source("mnist"), extractor, progress=False, use_cache=True),
     }
+    trained_on = "all of MNIST-5k" if seen_held_out else f"mnist[:{TRAIN_IMAGES}]"
+    took = f", {train_seconds:.0f} s" if train_seconds else ""
     print(
-        f"# run {run} (trained {'on all of MNIST-5k' if seen_held_out else f'on mnist[:{TRAIN_IMAGES}]'}"
-        f"{f', {train_seconds:.0f} s' if train_seconds else ''}); {args.num_images} images per setting; "
-        f"classifier held-out accuracy {classifier_accuracy:.3f}",
+        f"# run {run}, {args.weights} weights (trained on {trained_on}{took}); {args.num_images} images "
+        f"per setting; classifier held-out accuracy {classifier_accuracy:.3f}",
         flush=True,
     )
     classes = np.arange(args.num_images) % 10
@@ -213,6 +229,7 @@ def main() -> None:
             "held_out_seen_in_training": seen_held_out,
             "train_seconds": train_seconds,
             "run": str(run),
+            "weights": args.weights,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -147,3 +147,31 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
     assert "x 2" in result.stderr  # the banner names the world size, printed once (rank 0)
     assert result.stderr.count("training tiny U-Net") == 1
+
+
+def test_sampler_options_from_the_command_line(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "edm.png"
+    argv = ["sample", str(trained_run), "-n", "2", "--steps", "3", "--sampler", "edm", "--s-churn", "5",
+            "--s-tmin", "0.05", "--s-tmax", "50", "--s-noise", "1.003", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0 and out.is_file()
+    for sampler, option in [
+        ("ddim", "--eta=0.5"),
+        ("dpmpp_2m_sde", "--eta=0"),
+        ("euler_ancestral", "--s-noise=1"),
+    ]:
+        assert main(["sample", str(trained_run), "-n", "1", "--steps", "2", "--sampler", sampler, option,
+                     "--out", str(tmp_path / f"{sampler}.png")]) == 0  # fmt: skip
+    capsys.readouterr()
+    base = ["sample", str(trained_run), "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]
+    assert "--eta does not apply to sampler 'dpmpp_2m'" in _error(
+        capsys, [*base, "--sampler", "dpmpp_2m", "--eta", "1"]
+    )
+    assert "--s-churn does not apply to sampler 'ddpm'" in _error(
+        capsys, [*base, "--sampler", "ddpm", "--s-churn", "1"]
+    )
+    assert "--s-churn must be" in _error(capsys, [*base, "--sampler", "edm", "--s-churn", "-1"])
+    assert "--s-tmax must be >= --s-tmin" in _error(
+        capsys, [*base, "--sampler", "edm", "--s-tmin", "2", "--s-tmax", "1"]
+    )

@@ -38,7 +38,10 @@ from difforge.sampling import SampleConfig
 from difforge.sampling.config import add_sample_flags, sample_config_from_args
 
 DEFAULT_BATCH_SIZE = 16
-RUN_SAMPLING_FLAGS = ("sampler", "steps", "eta", "guidance", "spacing", "clip", "dynamic_threshold", "seed")
+RUN_SAMPLING_FLAGS = (
+    "sampler", "steps", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise",
+    "guidance", "spacing", "clip", "dynamic_threshold", "seed",
+)  # fmt: skip
 """The `SampleConfig` flags of sampling a run for FID (``--batch-size`` is Inception's here)."""
 
 
@@ -144,7 +147,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     samplers.add_argument("--ref", required=True, help="reference images: folder, built-in or .npz")
     samplers.add_argument(
         "--samplers",
-        default="ddim:50,dpmpp_2m:10,dpmpp_2m:20,heun:10,euler:50",
+        default="dpmpp_2m_sde:20,euler_ancestral:25,ddpm:50,ddim:50,dpmpp_2m:10,dpmpp_2m:20,heun:10",
         help="comma-separated NAME:STEPS (default: %(default)s)",
     )
     samplers.add_argument("--out", help="report folder (default: RUN/sampler_report)")

@@ -34,7 +34,7 @@ class SampleConfig:
 
     Attributes:
         sampler: a registered sampler (`difforge.sampling.registry`); None = the process's
-            ``default_sampler`` (dpmpp_2m for Gaussian diffusion).
+            ``default_sampler`` (dpmpp_2m_sde for Gaussian diffusion).
         steps: sampler steps K (NFE: K, or 2K - 1 for heun and edm).
         eta: the share of fresh noise per step, for ddim (0 = deterministic, 1 = DDPM's
             variance on the kept steps), euler_ancestral and dpmpp_2m_sde (0 = their ODE
@@ -155,7 +155,7 @@ def _flag(name: str) -> str:
 
 
 FLAG_HELP = {
-    "sampler": "sampler: {choices} (default: the process's own, dpmpp_2m for Gaussian diffusion)",
+    "sampler": "sampler: {choices} (default: the process's own, dpmpp_2m_sde for Gaussian diffusion)",
     "steps": "sampler steps",
     "eta": "share of fresh noise per step: ddim (default 0 = deterministic), euler_ancestral and "
     "dpmpp_2m_sde (default 1)",

@@ -141,7 +141,7 @@ def test_sampler_registry_is_the_one_list(toy_registered) -> None:
     assert parse_sampler_list("toy_walk:4,ddim:10") == [("toy_walk", 4), ("ddim", 10)]
     help_text = build_parser()._subparsers._group_actions[0].choices["sample"].format_help()  # type: ignore[union-attr]
     assert "toy_walk" in help_text
-    with pytest.raises(DifforgeError, match="sampler must be one of ddpm, ddim, .*, edm, toy_walk"):
+    with pytest.raises(DifforgeError, match="sampler must be one of ddpm, ddim, .*, restart, toy_walk"):
         SampleConfig(sampler="plms").validate()
 
 

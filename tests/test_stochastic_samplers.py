@@ -19,6 +19,7 @@ from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedul
 from difforge.diffusion import GaussianDiffusion
 from difforge.errors import DifforgeError
 from difforge.sampling import (
+    RestartInterval,
     SampleConfig,
     ancestral_levels,
     dpmpp_2m,
@@ -26,8 +27,10 @@ from difforge.sampling import (
     edm,
     euler,
     euler_ancestral,
+    get_sampler,
     heun,
     karras_sigmas,
+    restart,
     sample,
     sampler_names,
 )
@@ -132,6 +135,8 @@ def test_ancestral_levels_closed_form():
         (dpmpp_2m_sde, {"eta": 0.0}, dpmpp_2m),
         (edm, {"s_churn": 0.0}, heun),
         (edm, {"s_churn": 50.0, "s_tmin": 1e4}, heun),  # churn outside every level
+        (restart, {"intervals": ()}, heun),
+        (restart, {"intervals": (RestartInterval(10, 2.0, 3, 0),)}, heun),  # zero repeats
     ],
 )
 def test_no_noise_limits_are_the_ode_solvers(stochastic, options, deterministic):
@@ -249,3 +254,37 @@ def test_sampler_options_default_from_the_registry_and_refuse_foreign_ones():
         SampleConfig(sampler="edm", s_tmin=2.0, s_tmax=1.0).validate()
     with pytest.raises(DifforgeError, match="--s-noise"):
         SampleConfig(sampler="edm", s_noise=-1.0).validate()
+
+
+def test_restart_retraces_its_interval_and_counts_its_evaluations():
+    _, diffusion, noise = setup()
+    calls: list[float] = []
+
+    def counting(x, t, **kwargs):
+        calls.append(float(t[0]))
+        return eps_model(x, t)
+
+    for steps in (1, 2, 8):
+        calls.clear()
+        sample(
+            counting,
+            diffusion,
+            noise,
+            SampleConfig(sampler="restart", steps=steps),
+            generator=torch.Generator(),
+        )
+        assert len(calls) == get_sampler("restart").evaluations(steps)
+    # with 8 levels: 15 calls on the way down, then twice 3 Heun steps (6 calls) from 0.3 down to ~0.06
+    assert len(calls) == 15 + 2 * 6
+    sigmas = karras_sigmas(diffusion, 8)
+    draws = recorded_noise(3, 2)
+    seen: list[float] = []
+    restart(
+        eps_model, diffusion, noise, sigmas, intervals=(RestartInterval(6, 1.0, 2, 2),),
+        step_noise=lambda i, _: draws[i], callback=lambda info: seen.append(info.timestep),
+    )  # fmt: skip
+    assert len(seen) == 8 + 2 * 2 and seen[6] > seen[5] and seen[8] > seen[7]  # climbed back up twice
+    with pytest.raises(DifforgeError, match="a restart interval needs 0 < index < 8"):
+        restart(eps_model, diffusion, noise, sigmas, intervals=(RestartInterval(8, 1.0, 2, 1),))
+    with pytest.raises(DifforgeError, match="sigma_high > sigmas.index."):
+        restart(eps_model, diffusion, noise, sigmas, intervals=(RestartInterval(2, 0.01, 2, 1),))

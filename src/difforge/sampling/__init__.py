@@ -29,6 +29,7 @@ from difforge.sampling.registry import (
 from difforge.sampling.samplers import (
     Callback,
     DiscreteDenoiser,
+    RestartInterval,
     StepInfo,
     StepOutput,
     ancestral_levels,
@@ -44,6 +45,7 @@ from difforge.sampling.samplers import (
     karras_sigmas,
     logsnr_sigmas,
     p_sample_step,
+    restart,
     sigmas_for_timesteps,
     uniform_timesteps,
 )
@@ -153,6 +155,8 @@ __all__ = [
     "noise_levels",
     "p_sample_step",
     "register_sampler",
+    "restart",
+    "RestartInterval",
     "sample",
     "sampler_names",
     "sigmas_for_timesteps",

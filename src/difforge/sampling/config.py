@@ -154,15 +154,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _option_defaults(name: str) -> str:
+    """ "ddim 0, dpmpp_2m_sde 1": the samplers that take option ``name`` and their defaults."""
+    return ", ".join(
+        f"{entry.name} {entry.options[name]:g}" for entry in SAMPLERS.values() if name in entry.options
+    )
+
+
 FLAG_HELP = {
     "sampler": "sampler: {choices} (default: the process's own, dpmpp_2m_sde for Gaussian diffusion)",
     "steps": "sampler steps",
-    "eta": "share of fresh noise per step: ddim (default 0 = deterministic), euler_ancestral and "
-    "dpmpp_2m_sde (default 1)",
+    "eta": "share of fresh noise per step, 0 = deterministic (default: {eta})",
     "s_churn": "EDM churn of sampler edm: noise raised by min(S/steps, 0.414) per step (default: {s_churn})",
     "s_tmin": "edm churns only at noise levels >= this (default: {s_tmin})",
     "s_tmax": "edm churns only at noise levels <= this (default: {s_tmax})",
-    "s_noise": "scale of the fresh noise of edm, euler_ancestral, dpmpp_2m_sde (default: 1)",
+    "s_noise": "scale of the fresh noise (default: {s_noise})",
     "guidance": "classifier-free guidance scale w; 1 = off (default: {guided} for a model trained "
     "with label dropout, else 1)",
     "spacing": "noise levels of the ODE samplers: uniform, logsnr or karras",
@@ -185,9 +191,9 @@ def add_sample_flags(
         helps["sampler"] = helps["sampler"].format(choices=", ".join(sampler_names()))
     if "guidance" in helps:
         helps["guidance"] = helps["guidance"].format(guided=f"{GUIDED_DEFAULT:g}")
-    for name in ("s_churn", "s_tmin", "s_tmax"):
+    for name in SAMPLER_OPTIONS:
         if name in helps:
-            helps[name] = helps[name].format(**{name: f"{SAMPLERS['edm'].options[name]:g}"})
+            helps[name] = helps[name].format(**{name: _option_defaults(name)})
     add_dataclass_flags(parser, SampleConfig, helps, _DEST)
 
 

@@ -633,6 +633,20 @@ def dpmpp_2m(
 # tensor, as in `ddpm`), asked for only at the steps that use it, in order.
 
 
+def _stochastic_setup(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    sigmas: Sequence[float] | np.ndarray,
+    denoiser_options: dict[str, Any],
+    step_noise: StepNoise | None,
+    generator: torch.Generator | None,
+) -> tuple[DiscreteDenoiser, list[float], torch.Tensor, Callable[[int, torch.Tensor], torch.Tensor]]:
+    """`_ode_setup` plus the noise source of a K-step stochastic loop (z of step i)."""
+    denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
+    return denoiser, levels, x, step_noise_source(step_noise, generator, len(levels) - 1, noise)
+
+
 def ancestral_levels(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next in VE variables:
 
@@ -664,9 +678,10 @@ def euler_ancestral(
     """Euler ancestral: per step an Euler step of the probability-flow ODE to sigma_down, then
     x += s_noise sigma_up z (`ancestral_levels`); one model call per step, the last step (to 0)
     returns x0_hat. z of step i (0 .. K-2) comes from ``generator`` or ``step_noise``."""
-    denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
+    denoiser, levels, x, draw = _stochastic_setup(
+        model, diffusion, noise, sigmas, denoiser_options, step_noise, generator
+    )
     total = len(levels) - 1
-    draw = step_noise_source(step_noise, generator, total, noise)
     eta = _checked_eta(eta)
     for i in range(total):
         sigma, sigma_next = levels[i], levels[i + 1]
@@ -704,9 +719,10 @@ def dpmpp_2m_sde(
     first order at the first step, x_next = x0_hat at the last one (sigma_next = 0). eta = 1
     is diffusers' "sde-dpmsolver++", eta = 0 is `dpmpp_2m` exactly. One model call per step;
     z of step i (0 .. K-2) comes from ``generator`` or ``step_noise``."""
-    denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
+    denoiser, levels, x, draw = _stochastic_setup(
+        model, diffusion, noise, sigmas, denoiser_options, step_noise, generator
+    )
     total = len(levels) - 1
-    draw = step_noise_source(step_noise, generator, total, noise)
     eta = _checked_eta(eta)
     previous_x0: torch.Tensor | None = None
     previous_h = 0.0
@@ -762,9 +778,10 @@ def edm(
     s_churn = 0 is `heun` exactly. 2K - 1 model calls; z of step i (only at the churned
     steps) comes from ``generator`` or ``step_noise``."""
     _checked_churn(s_churn, s_tmin, s_tmax, s_noise)
-    denoiser, levels, x = _ode_setup(model, diffusion, noise, sigmas, denoiser_options)
+    denoiser, levels, x, draw = _stochastic_setup(
+        model, diffusion, noise, sigmas, denoiser_options, step_noise, generator
+    )
     total = len(levels) - 1
-    draw = step_noise_source(step_noise, generator, total, noise)
     gamma_max = min(s_churn / total, math.sqrt(2.0) - 1.0)
     for i in range(total):
         sigma, sigma_next = levels[i], levels[i + 1]

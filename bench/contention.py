@@ -7,13 +7,18 @@ batch 32, random 3x32x32 images) of ours (``small`` preset) and of diffusers' UN
 the same shape, each in a fresh subprocess per OpenMP setting, idle and next to one
 competing busy process (a single-threaded Python loop), and prints images/s and the slow-down.
 
-Settings compared (environment before torch loads; libgomp reads it once):
+Settings compared:
 
-- ``default``: nothing set (libgomp spins up to its default count before sleeping);
-- ``GOMP_SPINCOUNT=N``: a shorter spin;
+- ``default``: nothing set, all cores (libgomp spins up to its default count before sleeping);
+- ``governor``: ``difforge train``'s default, `difforge.runs.threads.ThreadGovernor` ticking
+  once per step (fewer threads while other processes keep cores busy);
+- ``GOMP_SPINCOUNT=N``: a shorter spin (environment set before torch loads);
 - ``OMP_WAIT_POLICY=PASSIVE``: no spinning at all.
 
-    python bench/contention.py --steps 6 --spincounts 10000,100000
+Every run first trains for ``--warmup-s`` seconds (the governor's first decisions fall in
+it; in a real run they take the first few seconds of many minutes), then times ``--steps``.
+
+    python bench/contention.py --steps 12 --spincounts 10000
 """
 
 from __future__ import annotations
@@ -26,26 +31,50 @@ import sys
 import time
 from pathlib import Path
 
+GOVERNOR = "governor"
 
-def worker(which: str, steps: int) -> None:
+
+def worker(which: str, steps: int, warmup_s: float, governed: bool) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
     from unet import build, training_step  # bench/unet.py: the same models and step as the U-Net bench
 
+    from difforge.runs.threads import ThreadGovernor
+
     step = training_step(build(which, "small", torch.device("cpu")), 32, torch.device("cpu"), "none")
-    step()  # warm-up
+    governor = ThreadGovernor(enabled=governed, interval_s=1.0)
+    start = time.perf_counter()
+    while True:
+        step()
+        governor.tick()
+        if time.perf_counter() - start >= warmup_s:
+            break
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    print(json.dumps({"images_per_s": steps * 32 / (time.perf_counter() - start)}))
+        governor.tick()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"images_per_s": steps * 32 / seconds, "threads": governor.threads}))
 
 
-def timed_run(which: str, steps: int, env: dict[str, str], loaded: bool) -> float:
+def timed_run(which: str, steps: int, env: dict[str, str], loaded: bool, warmup_s: float) -> float:
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
+    governed = env.get(GOVERNOR) == "1"
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        which,
+        "--steps",
+        str(steps),
+        "--warmup-s",
+        str(warmup_s),
+    ]
     try:
         out = subprocess.run(
-            [sys.executable, __file__, "--worker", which, "--steps", str(steps)],
-            env={**os.environ, **env}, capture_output=True, text=True, check=True,
+            command + (["--governed"] if governed else []),
+            env={**os.environ, **{k: v for k, v in env.items() if k != GOVERNOR}},
+            capture_output=True, text=True, check=True,
         )  # fmt: skip
     finally:
         if competitor is not None:
@@ -57,15 +86,17 @@ def timed_run(which: str, steps: int, env: dict[str, str], loaded: bool) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=("ours", "diffusers"))
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--spincounts", default="10000")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup-s", type=float, default=4.0)
+    parser.add_argument("--governed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--spincounts", default="10000", help="GOMP_SPINCOUNT values to try ('' = none)")
     parser.add_argument("--models", default="ours,diffusers")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps)
+        worker(args.worker, args.steps, args.warmup_s, args.governed)
         return
-    settings: dict[str, dict[str, str]] = {"default": {}}
-    for count in args.spincounts.split(","):
+    settings: dict[str, dict[str, str]] = {"default": {}, GOVERNOR: {GOVERNOR: "1"}}
+    for count in filter(None, args.spincounts.split(",")):
         settings[f"GOMP_SPINCOUNT={count}"] = {"GOMP_SPINCOUNT": count}
     settings["OMP_WAIT_POLICY=PASSIVE"] = {"OMP_WAIT_POLICY": "PASSIVE"}
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
@@ -76,8 +107,8 @@ def main() -> None:
     for which in args.models.split(","):
         baseline = None
         for name, env in settings.items():
-            idle = timed_run(which, args.steps, env, loaded=False)
-            loaded = timed_run(which, args.steps, env, loaded=True)
+            idle = timed_run(which, args.steps, env, loaded=False, warmup_s=args.warmup_s)
+            loaded = timed_run(which, args.steps, env, loaded=True, warmup_s=args.warmup_s)
             baseline = baseline or idle
             ratios = f"{idle / loaded:.2f}x | {idle / baseline:.3f}"
             print(f"| {which} | {name} | {idle:.1f} | {loaded:.1f} | {ratios} |", flush=True)

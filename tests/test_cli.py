@@ -90,6 +90,9 @@ def test_user_mistakes_are_one_line_errors(trained_run: Path, tmp_path: Path, ca
     out = ["--out", str(tmp_path / "never")]
     assert "--batch-size" in _error(capsys, ["train", "digits", *out, *TINY_TRAIN, "--batch-size", "0"])
     assert "--ema-decay" in _error(capsys, ["train", "digits", *out, *TINY_TRAIN, "--ema-decay", "2"])
+    assert "--lr-schedule" in _error(capsys, ["train", "digits", *out, *TINY_TRAIN, "--lr-schedule", "step"])
+    for threads in ("0", "two", "-1"):
+        assert "--threads" in _error(capsys, ["train", "digits", *out, *TINY_TRAIN, "--threads", threads])
     assert not (tmp_path / "never").exists()
     assert "unknown class" in _error(capsys, ["sample", str(trained_run), "--class", "cat", "-n", "1"])
     assert "does not exist" in _error(capsys, ["sample", str(tmp_path / "nope")])

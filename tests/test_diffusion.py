@@ -331,8 +331,30 @@ def test_uniform_sampler_and_state_dict_round_trip():
     with pytest.raises(DifforgeError, match=r"history has shape \(4, 2\), expected \(5, 2\)"):
         LossSecondMomentSampler(5, history=2).load_state_dict(sampler.state_dict())
     assert isinstance(make_timestep_sampler("importance", 5), LossSecondMomentSampler)
-    with pytest.raises(DifforgeError, match="timestep sampler must be 'uniform' or 'importance', got 'lol'"):
+    with pytest.raises(DifforgeError, match="timestep sampler must be one of uniform, .*, got 'lol'"):
         make_timestep_sampler("lol", 5)
+    with pytest.raises(DifforgeError, match="lognormal"):
+        make_timestep_sampler("lognormal", 5)  # without the chain's noise levels
+
+
+def test_lognormal_timesteps_follow_edm_noise_distribution():
+    """p(t) against SciPy's normal CDF over each timestep's cell in ln sigma; no reweighting."""
+    from scipy.stats import norm
+
+    diffusion = GaussianDiffusion(NoiseSchedule.named("linear", 1000))
+    sampler = diffusion.timestep_sampler("lognormal")
+    abar = diffusion.schedule.alphas_cumprod
+    log_sigma = 0.5 * np.log((1 - abar) / abar)
+    edges = np.concatenate([[-np.inf], (log_sigma[1:] + log_sigma[:-1]) / 2, [np.inf]])
+    expected = np.diff(norm.cdf(edges, loc=-1.2, scale=1.2))
+    np.testing.assert_allclose(sampler.probabilities().numpy(), expected, rtol=1e-9, atol=1e-15)
+    assert sampler.probabilities().sum().item() == pytest.approx(1.0, abs=1e-12)
+    t, weights = sampler.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert torch.all(weights == 1)
+    drawn_log_sigma = torch.from_numpy(log_sigma)[t]
+    assert drawn_log_sigma.mean().item() == pytest.approx(-1.2, abs=0.05)  # discretised N(-1.2, 1.2^2)
+    assert drawn_log_sigma.std().item() == pytest.approx(1.2, abs=0.05)
+    assert not sampler.learns and LossSecondMomentSampler(3).learns
 
 
 # ---- bad input --------------------------------------------------------------------------------

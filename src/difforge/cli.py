@@ -57,11 +57,13 @@ _TRAIN_HELP = {
     "grad_accum": "micro-batches accumulated per optimizer step",
     "lr": "AdamW learning rate (after the warm-up)",
     "warmup_steps": "linear learning-rate warm-up steps",
+    "lr_schedule": "learning rate after the warm-up: constant, or cosine (decays towards 0 over the run)",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the gradient norm to this (0 = off)",
     "ema_decay": "EMA decay of the weights used for sampling",
     "p_uncond": "probability of dropping the class label (classifier-free guidance)",
-    "timestep_sampler": "uniform, or importance (IDDPM loss-second-moment sampling of t)",
+    "timestep_sampler": "uniform, importance (IDDPM loss-second-moment sampling of t) or lognormal "
+    "(EDM's ln sigma ~ N(-1.2, 1.2^2), not reweighted)",
     "mixed_precision": "auto (bf16/fp16 on CUDA, off on CPU), no, bf16 or fp16",
     "seed": "random seed (initialisation, data order, noise)",
     "sample_every": "write a sample grid and denoising strip every N steps (0 = at the end only)",
@@ -117,6 +119,12 @@ def _add_train(subparsers: Any) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="CPU threads of torch: auto (all cores, fewer while other processes keep cores busy) "
+        "or a fixed N (default: auto)",
+    )
     add_dataclass_flags(parser, TrainConfig, _TRAIN_HELP, "train.")
     add_dataclass_flags(parser, DiffusionConfig, _DIFFUSION_HELP, "diffusion.", _FLAG_NAMES)
     parser.set_defaults(func=_run_train)
@@ -228,9 +236,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from difforge.diffusion import DiffusionConfig
     from difforge.runs import RunConfig, TrainConfig, resolve_device
+    from difforge.runs.threads import parse_threads
     from difforge.training import Trainer, prepare_run
     from difforge.training.trainer import TrainingInterrupted
 
+    threads = parse_threads(args.threads)
     train_values = dataclass_values(args, "train.")
     diffusion_values = dataclass_values(args, "diffusion.")
     data = args.data if args.data is not None else field_default(TrainConfig, "data")
@@ -265,7 +275,15 @@ def _run_train(args: argparse.Namespace) -> int:
         device = torch.device("cuda", ctx.local_rank)
     model, process, dataset, run_config = prepare_run(train_config, process_config, model_overrides)
     trainer = Trainer(
-        model, process, dataset, run_config, out, device=device, ctx=ctx, progress=not args.no_progress
+        model,
+        process,
+        dataset,
+        run_config,
+        out,
+        device=device,
+        ctx=ctx,
+        progress=not args.no_progress,
+        threads=threads,
     )
     if args.resume:
         _resume(trainer, out, ctx.is_main)

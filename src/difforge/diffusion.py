@@ -328,8 +328,10 @@ class GaussianDiffusion:
     # ---- bookkeeping ---------------------------------------------------------------
 
     def timestep_sampler(self, name: str) -> UniformTimestepSampler:
-        """The sampler of training timesteps ``name`` (uniform, importance) over this chain."""
-        return make_timestep_sampler(name, self.num_timesteps)
+        """The sampler of training timesteps ``name`` (uniform, importance, lognormal) over this chain."""
+        alphas_cumprod = self._tables["alphas_cumprod"]
+        sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+        return make_timestep_sampler(name, self.num_timesteps, sigmas)
 
     def settings(self) -> dict[str, Any]:
         """The constructor keywords (not the schedule), to build a sibling process."""

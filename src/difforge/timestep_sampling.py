@@ -4,10 +4,18 @@ The training objective is E_{t ~ U}[L_t]. Drawing t from p(t) instead and weight
 term by w_t = 1 / (T p(t)) keeps the estimate unbiased: E_{t ~ p}[w_t L_t] = E_{t ~ U}[L_t].
 Importance sampling with p(t) proportional to sqrt(E[L_t^2]) (IDDPM section 3.3, eq. 18)
 lowers the variance of the L_vlb estimate.
+
+`LogNormalSigmaSampler` is the exception: it changes the objective on purpose. EDM (Karras et
+al. 2022, section 5 and Table 1) trains on noise levels ln(sigma) ~ N(P_mean, P_std^2) and
+weights nothing back, so the network's capacity goes to the middle noise levels that decide
+what a sample looks like.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from difforge.errors import DifforgeError
@@ -15,6 +23,9 @@ from difforge.errors import DifforgeError
 
 class UniformTimestepSampler:
     """t ~ U{0, ..., T-1}; all weights 1."""
+
+    learns = False
+    """Whether `update` changes p(t) (the trainer only gathers losses for samplers that learn)."""
 
     def __init__(self, num_timesteps: int) -> None:
         if num_timesteps < 1:
@@ -50,6 +61,8 @@ class LossSecondMomentSampler(UniformTimestepSampler):
     Uniform until every t has ``history`` losses (the warm-up), then mixed with a small
     uniform part ``uniform_prob`` so that no t is starved (IDDPM section 3.3).
     """
+
+    learns = True
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
         super().__init__(num_timesteps)
@@ -96,10 +109,51 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         self.loss_counts = counts.to(torch.long).clone()
 
 
-def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimestepSampler:
-    """``uniform`` or ``importance`` (loss second moment)."""
+EDM_P_MEAN = -1.2
+EDM_P_STD = 1.2
+"""EDM's training noise distribution ln(sigma) ~ N(-1.2, 1.2^2), for data in [-1, 1]."""
+
+
+class LogNormalSigmaSampler(UniformTimestepSampler):
+    """p(t) = P(ln sigma falls in t's cell) for ln sigma ~ N(p_mean, p_std^2), all weights 1.
+
+    ``sigmas`` (T,) are the chain's noise levels sigma_t = sqrt((1 - abar_t) / abar_t),
+    increasing; t's cell in ln sigma runs between the midpoints to its neighbours (the first
+    and last cells are open), so p(t) = Phi(z_hi) - Phi(z_lo), z = (edge - p_mean) / p_std.
+    The weights are 1, not 1 / (T p(t)): the distribution is the loss weighting (EDM)."""
+
+    def __init__(self, sigmas: np.ndarray, p_mean: float = EDM_P_MEAN, p_std: float = EDM_P_STD) -> None:
+        super().__init__(len(sigmas))
+        log_sigma = np.log(np.asarray(sigmas, dtype=np.float64))
+        if not np.all(np.diff(log_sigma) > 0) or not p_std > 0:
+            raise DifforgeError("log-normal timesteps need increasing noise levels and p_std > 0")
+        edges = np.concatenate([[-np.inf], (log_sigma[1:] + log_sigma[:-1]) / 2, [np.inf]])
+        cdf = np.array([0.5 * math.erfc(-(e - p_mean) / (p_std * math.sqrt(2.0))) for e in edges])
+        self._p = torch.from_numpy(np.diff(cdf))
+
+    def probabilities(self) -> torch.Tensor:
+        return self._p
+
+    def sample(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (t, weights): (B,) int64 timesteps drawn from p(t) and (B,) float32 ones."""
+        t = torch.multinomial(self._p, batch_size, replacement=True, generator=generator)
+        return t.to(device), torch.ones(batch_size, device=device)
+
+
+TIMESTEP_SAMPLERS = ("uniform", "importance", "lognormal")
+
+
+def make_timestep_sampler(
+    name: str, num_timesteps: int, sigmas: np.ndarray | None = None
+) -> UniformTimestepSampler:
+    """``uniform``, ``importance`` (loss second moment) or ``lognormal`` (EDM's noise levels;
+    needs the chain's ``sigmas``)."""
     if name == "uniform":
         return UniformTimestepSampler(num_timesteps)
     if name in ("importance", "loss-second-moment"):
         return LossSecondMomentSampler(num_timesteps)
-    raise DifforgeError(f"timestep sampler must be 'uniform' or 'importance', got {name!r}")
+    if name == "lognormal" and sigmas is not None:
+        return LogNormalSigmaSampler(sigmas)
+    raise DifforgeError(f"timestep sampler must be one of {', '.join(TIMESTEP_SAMPLERS)}, got {name!r}")

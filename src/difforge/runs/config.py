@@ -21,9 +21,11 @@ from difforge.process import ProcessConfig, process_config_from_dict
 from difforge.runs.models import model_config_from_dict, model_config_to_dict
 from difforge.sampling import SampleConfig, sampler_names
 from difforge.sampling.config import MAX_SEED
+from difforge.timestep_sampling import TIMESTEP_SAMPLERS
 
 CONFIG_FILE = "config.json"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 MAX_IMAGE_SIZE = 2048
 """The largest training resolution accepted (a 2048^2 batch of 64 is already ~3 GB of input)."""
 
@@ -49,11 +51,15 @@ class TrainConfig:
         epochs: passes over the data (used when ``steps`` is None).
         batch_size: images per optimizer step per device, before accumulation.
         grad_accum: micro-batches accumulated per optimizer step.
-        lr / warmup_steps / weight_decay / grad_clip: AdamW with linear warm-up, then
-            constant; gradient norm clipping (0 = off).
+        lr / warmup_steps / weight_decay / grad_clip: AdamW with a linear warm-up;
+            gradient norm clipping (0 = off).
+        lr_schedule: the learning rate after the warm-up: ``constant``, or ``cosine``
+            (lr * (1 + cos(pi p)) / 2 at progress p from the end of the warm-up to the last
+            step, down to 0; Loshchilov & Hutter 2017 without restarts).
         ema_decay: EMA of the weights; the decay warms up as min(decay, (1 + n) / (10 + n)).
         p_uncond: probability of replacing a label by the null label (classifier-free guidance).
-        timestep_sampler: ``uniform`` or ``importance`` (IDDPM loss-second-moment).
+        timestep_sampler: ``uniform``, ``importance`` (IDDPM loss-second-moment) or
+            ``lognormal`` (EDM's ln sigma ~ N(-1.2, 1.2^2), unweighted).
         mixed_precision: auto (bf16/fp16 on CUDA, off on CPU), no, bf16, fp16.
         seed: seeds the model initialisation, data order, noise and timesteps.
         sample_every / checkpoint_every / log_every: intervals in optimizer steps (0 = only
@@ -85,6 +91,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 100
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -136,6 +143,13 @@ class TrainConfig:
             raise DifforgeError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not (isinstance(self.p_uncond, (int, float)) and 0.0 <= self.p_uncond < 1.0):
             raise DifforgeError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
+        if self.timestep_sampler not in TIMESTEP_SAMPLERS:
+            known = ", ".join(TIMESTEP_SAMPLERS)
+            raise DifforgeError(f"--timestep-sampler must be one of {known}, got {self.timestep_sampler!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DifforgeError(
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise DifforgeError(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"

@@ -37,6 +37,7 @@ from difforge.runs.storage import (
     write_bytes_atomic,
     write_checkpoint,
 )
+from difforge.runs.threads import ThreadGovernor
 from difforge.sampling import get_sampler
 from difforge.timestep_sampling import UniformTimestepSampler
 from difforge.training.allocator import keep_freed_memory
@@ -87,6 +88,20 @@ def deferred_interrupt() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def learning_rate(lr: float, step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """lr of 0-based step ``step``: lr min(1, (step + 1) / warmup_steps) during the warm-up;
+    after it, ``constant`` keeps lr and ``cosine`` gives lr (1 + cos(pi p)) / 2 with
+    p = (step - warmup_steps) / (total_steps - warmup_steps) in [0, 1) (no step is wasted at
+    lr 0). The decay spans ``total_steps`` of the run's plan (a resume with more --steps
+    stretches what is left of it)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class Trainer:
     """Trains ``model`` on ``dataset`` under ``process`` and writes the run to ``run_dir``.
 
@@ -109,6 +124,7 @@ class Trainer:
         ctx: DistributedContext | None = None,
         progress: bool = True,
         preview: PreviewCallback = write_preview,
+        threads: int | None = None,
     ) -> None:
         self.config: TrainConfig = run_config.train
         self.config.validate()
@@ -116,6 +132,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ctx = ctx or DistributedContext()
         self.device = device
+        if threads is not None:
+            torch.set_num_threads(threads)
+        # Several ranks on one machine would count each other as competitors: no governor.
+        self.governor = ThreadGovernor(
+            enabled=threads is None and device.type == "cpu" and self.ctx.world_size == 1
+        )
         self.progress = progress and self.ctx.is_main
         self.process = process
         self.dataset = dataset
@@ -180,9 +202,11 @@ class Trainer:
         return default_steps(self.config.preset)
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up over ``warmup_steps``, then constant."""
-        warmup = self.config.warmup_steps
-        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else self.config.lr
+        """The learning rate of 0-based optimizer step ``step``: linear warm-up over
+        ``warmup_steps`` (lr (step + 1) / warmup), then ``lr_schedule``: constant, or cosine
+        from lr at the end of the warm-up to 0 after the last of ``total_steps``."""
+        config = self.config
+        return learning_rate(config.lr, step, config.warmup_steps, self.total_steps, config.lr_schedule)
 
     # ---- data ----------------------------------------------------------------------------
 
@@ -279,7 +303,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _update_timestep_sampler(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        if type(self.timestep_sampler) is UniformTimestepSampler:
+        if not self.timestep_sampler.learns:
             return
         if self.ctx.world_size > 1:
             gathered_t = [torch.zeros_like(t) for _ in range(self.ctx.world_size)]
@@ -326,6 +350,7 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         while self.step < last_step:
             step_scalars = self.train_step(batches)
+            self.governor.tick()
             window_images += config.batch_size * config.grad_accum * self.ctx.world_size
             if bar is not None:
                 bar.update(1)
@@ -333,6 +358,8 @@ class Trainer:
                 logged = {key: float(value) for key, value in step_scalars.items()}
                 elapsed = time.perf_counter() - window_start
                 logged["images_per_s"] = window_images / max(elapsed, 1e-9)
+                if self.device.type == "cpu":
+                    logged["threads"] = float(self.governor.threads)
                 window_start, window_images = time.perf_counter(), 0
                 self._log(logged, metrics_path, bar)
             if self.nonfinite_in_a_row >= config.max_nonfinite_steps:

@@ -19,6 +19,7 @@ Every run first trains for ``--warmup-s`` seconds (the governor's first decision
 it; in a real run they take the first few seconds of many minutes), then times ``--steps``.
 
     python bench/contention.py --steps 12 --spincounts 10000
+    python bench/contention.py --settings default,governor --rounds 3   # medians of 3
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--governed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spincounts", default="10000", help="GOMP_SPINCOUNT values to try ('' = none)")
     parser.add_argument("--models", default="ours,diffusers")
+    parser.add_argument("--settings", default="", help="only these settings, comma-separated ('' = all)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over all cells; medians are printed")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.warmup_s, args.governed)
@@ -99,16 +103,27 @@ def main() -> None:
     for count in filter(None, args.spincounts.split(",")):
         settings[f"GOMP_SPINCOUNT={count}"] = {"GOMP_SPINCOUNT": count}
     settings["OMP_WAIT_POLICY=PASSIVE"] = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if args.settings:
+        settings = {name: settings[name] for name in args.settings.split(",")}
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     os.environ.clear()
     os.environ.update(clean)
-    print("| model | setting | idle images/s | loaded images/s | slow-down | idle vs default |")
+    cells = [(which, name) for which in args.models.split(",") for name in settings]
+    runs: dict[tuple[str, str, bool], list[float]] = {}
+    for round_ in range(args.rounds):  # rounds interleave the cells, so a slow spell hits all of them
+        for which, name in cells:
+            for loaded in (False, True):
+                speed = timed_run(which, args.steps, settings[name], loaded=loaded, warmup_s=args.warmup_s)
+                runs.setdefault((which, name, loaded), []).append(speed)
+                state = "loaded" if loaded else "idle"
+                print(f"round {round_ + 1}: {which} {name} {state} {speed:.1f} images/s", flush=True)
+    print("\n| model | setting | idle images/s | loaded images/s | slow-down | idle vs first setting |")
     print("|---|---|---:|---:|---:|---:|")
     for which in args.models.split(","):
         baseline = None
-        for name, env in settings.items():
-            idle = timed_run(which, args.steps, env, loaded=False, warmup_s=args.warmup_s)
-            loaded = timed_run(which, args.steps, env, loaded=True, warmup_s=args.warmup_s)
+        for name in settings:
+            idle = statistics.median(runs[(which, name, False)])
+            loaded = statistics.median(runs[(which, name, True)])
             baseline = baseline or idle
             ratios = f"{idle / loaded:.2f}x | {idle / baseline:.3f}"
             print(f"| {which} | {name} | {idle:.1f} | {loaded:.1f} | {ratios} |", flush=True)

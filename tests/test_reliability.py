@@ -32,6 +32,7 @@ CLI_TINY = [
     "--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--timesteps", "50",
     "--no-tensorboard", "--no-progress", "--sample-every", "0", "--preview-images", "4",
     "--preview-steps", "3", "--warmup-steps", "2", "--log-every", "1",
+    "--threads", "2",  # bit-exact resume needs one thread count (docs/reliability.md)
 ]  # fmt: skip
 
 

@@ -117,3 +117,32 @@ def test_machine_busy_seconds_reads_proc_stat() -> None:
     if busy is None:
         pytest.skip("no /proc/stat on this system")
     assert busy > 0
+
+
+def test_trainer_fixes_or_adapts_threads_from_its_config(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sklearn", reason="the digits dataset comes with the [datasets] extra")
+    from tiny_settings import TINY
+
+    from difforge.diffusion import DiffusionConfig
+    from difforge.runs import TrainConfig
+    from difforge.training import Trainer, prepare_run
+
+    before = torch.get_num_threads()
+    try:
+        for threads, adapts in (("1", False), ("auto", True)):
+            config = TrainConfig(**{**TINY, "steps": 1, "threads": threads})
+            model, process, dataset, run_config = prepare_run(config, DiffusionConfig(num_timesteps=50))
+            trainer = Trainer(
+                model,
+                process,
+                dataset,
+                run_config,
+                tmp_path / threads,
+                device=torch.device("cpu"),
+                progress=False,
+            )
+            assert trainer.governor.enabled is (adapts and threads_module.available_cores() > 1)
+            if not adapts:
+                assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

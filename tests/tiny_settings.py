@@ -12,4 +12,5 @@ TINY = dict(
     preview_steps=3,
     log_every=1,
     warmup_steps=2,
+    threads="2",  # bit-exact resume needs one thread count
 )

@@ -77,6 +77,8 @@ _TRAIN_HELP = {
     "preview_steps": "sampler steps of the grid made during training",
     "max_nonfinite_steps": "stop after this many steps in a row with a non-finite loss or gradient "
     "(such steps are skipped and counted)",
+    "threads": "CPU threads of torch: auto (all cores, fewer while other processes keep cores busy) "
+    "or a fixed N (bit-exact resume needs a fixed N)",
     "init_from": "start from this run's (or checkpoint's) EMA weights, model and process: fine-tuning "
     "(default: a fresh model)",
 }
@@ -119,12 +121,6 @@ def _add_train(subparsers: Any) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--threads",
-        default="auto",
-        help="CPU threads of torch: auto (all cores, fewer while other processes keep cores busy) "
-        "or a fixed N (default: auto)",
-    )
     add_dataclass_flags(parser, TrainConfig, _TRAIN_HELP, "train.")
     add_dataclass_flags(parser, DiffusionConfig, _DIFFUSION_HELP, "diffusion.", _FLAG_NAMES)
     parser.set_defaults(func=_run_train)
@@ -163,6 +159,7 @@ RESUME_CHANGEABLE = (
     "preview_sampler",
     "preview_steps",
     "max_nonfinite_steps",
+    "threads",
 )
 """The train settings a resumed run may change; the others would make it another run."""
 INHERITED_FROM_PARENT = ("preset", "image_size", "channels")
@@ -236,11 +233,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from difforge.diffusion import DiffusionConfig
     from difforge.runs import RunConfig, TrainConfig, resolve_device
-    from difforge.runs.threads import parse_threads
     from difforge.training import Trainer, prepare_run
     from difforge.training.trainer import TrainingInterrupted
 
-    threads = parse_threads(args.threads)
     train_values = dataclass_values(args, "train.")
     diffusion_values = dataclass_values(args, "diffusion.")
     data = args.data if args.data is not None else field_default(TrainConfig, "data")
@@ -283,7 +278,6 @@ def _run_train(args: argparse.Namespace) -> int:
         device=device,
         ctx=ctx,
         progress=not args.no_progress,
-        threads=threads,
     )
     if args.resume:
         _resume(trainer, out, ctx.is_main)

@@ -19,6 +19,7 @@ from difforge.conditioning import ClassLabel, ImageCondition
 from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
 from difforge.process import ProcessConfig, process_config_from_dict
 from difforge.runs.models import model_config_from_dict, model_config_to_dict
+from difforge.runs.threads import parse_threads
 from difforge.sampling import SampleConfig, sampler_names
 from difforge.sampling.config import MAX_SEED
 from difforge.timestep_sampling import TIMESTEP_SAMPLERS
@@ -75,6 +76,10 @@ class TrainConfig:
             skipped and counted (``nonfinite_steps`` in metrics.jsonl).
         init_from: a run (or one of its checkpoints) whose EMA weights, model and process a
             new run starts from (fine-tuning); None = a fresh initialisation.
+        threads: torch's CPU threads: ``auto`` (all cores, fewer while other processes keep
+            cores busy: `difforge.runs.threads.ThreadGovernor`) or a fixed count ("4").
+            Bit-exact resume needs a fixed count: another count rounds some gradient
+            reductions differently.
     """
 
     data: str = "mnist"
@@ -110,6 +115,7 @@ class TrainConfig:
     preview_steps: int = SampleConfig.steps
     max_nonfinite_steps: int = 5
     init_from: str | None = None
+    threads: str = "auto"
 
     def validate(self) -> TrainConfig:
         """Raise a one-line DifforgeError naming the flag of a bad setting; returns self.
@@ -143,6 +149,7 @@ class TrainConfig:
             raise DifforgeError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not (isinstance(self.p_uncond, (int, float)) and 0.0 <= self.p_uncond < 1.0):
             raise DifforgeError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
+        parse_threads(self.threads)
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
             known = ", ".join(TIMESTEP_SAMPLERS)
             raise DifforgeError(f"--timestep-sampler must be one of {known}, got {self.timestep_sampler!r}")

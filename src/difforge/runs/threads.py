@@ -100,12 +100,12 @@ class ThreadGovernor:
         return self.threads
 
 
-def parse_threads(value: str) -> int | None:
+def parse_threads(value: object) -> int | None:
     """``--threads``: ``auto`` (None: adapt to a busy machine) or a fixed count N >= 1."""
     if value == "auto":
         return None
     try:
-        count = int(value)
+        count = int(str(value))
     except ValueError:
         count = 0
     if count < 1 or count > 4096:

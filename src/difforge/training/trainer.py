@@ -37,7 +37,7 @@ from difforge.runs.storage import (
     write_bytes_atomic,
     write_checkpoint,
 )
-from difforge.runs.threads import ThreadGovernor
+from difforge.runs.threads import ThreadGovernor, parse_threads
 from difforge.sampling import get_sampler
 from difforge.timestep_sampling import UniformTimestepSampler
 from difforge.training.allocator import keep_freed_memory
@@ -110,6 +110,8 @@ class Trainer:
     ``run_config.conditioning`` says which of them the model takes. ``run_config`` is
     written as config.json; on ``resume`` the newest checkpoint is loaded. ``preview`` is
     the callback that makes the sample grid (`difforge.training.previews.write_preview`).
+    ``TrainConfig.threads`` ``auto`` lets `difforge.runs.threads.ThreadGovernor` lower torch's
+    CPU thread count while other processes keep cores busy; a count fixes it.
     """
 
     def __init__(
@@ -124,7 +126,6 @@ class Trainer:
         ctx: DistributedContext | None = None,
         progress: bool = True,
         preview: PreviewCallback = write_preview,
-        threads: int | None = None,
     ) -> None:
         self.config: TrainConfig = run_config.train
         self.config.validate()
@@ -132,7 +133,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ctx = ctx or DistributedContext()
         self.device = device
-        if threads is not None:
+        threads = parse_threads(self.config.threads)
+        if threads is not None and device.type == "cpu":
             torch.set_num_threads(threads)
         # Several ranks on one machine would count each other as competitors: no governor.
         self.governor = ThreadGovernor(

@@ -288,3 +288,30 @@ def test_restart_retraces_its_interval_and_counts_its_evaluations():
         restart(eps_model, diffusion, noise, sigmas, intervals=(RestartInterval(8, 1.0, 2, 1),))
     with pytest.raises(DifforgeError, match="sigma_high > sigmas.index."):
         restart(eps_model, diffusion, noise, sigmas, intervals=(RestartInterval(2, 0.01, 2, 1),))
+
+
+@pytest.mark.parametrize("name", sampler_names("gaussian"))
+@pytest.mark.parametrize("clip", [True, False])
+def test_every_sampler_ends_on_its_last_x0_prediction_and_clips_it(name, clip):
+    """The last step lands on sigma = 0 (t = -1): the sample is the denoiser's last predicted
+    x0, so no residual noise is left; with clip that prediction is clamped to [-1, 1]. The
+    model here over-shoots (data of std 3), so clipping has something to do."""
+    _, diffusion, _ = setup()
+    noise = torch.randn((8, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    seen: list = []
+    out = sample(
+        gaussian_data_model(diffusion, 3.0),
+        diffusion,
+        noise,
+        SampleConfig(sampler=name, steps=6, clip=clip),
+        generator=torch.Generator().manual_seed(4),
+        callback=seen.append,
+    )
+    last = seen[-1]
+    assert last.index == last.total - 1
+    torch.testing.assert_close(out, last.x_next, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, last.pred_x0, rtol=1e-5, atol=1e-5)
+    if clip:
+        assert float(out.abs().max()) <= 1.0
+    else:
+        assert float(out.abs().max()) > 1.0

@@ -102,6 +102,17 @@ def test_governor_leaves_an_idle_machine_alone(machine: FakeMachine) -> None:
     assert governor.changes == 0
 
 
+def test_governor_never_runs_more_threads_than_torch_started_with(machine: FakeMachine) -> None:
+    torch.set_num_threads(4)  # e.g. torch's physical-core default on 8 hyper-threads
+    governor = ThreadGovernor(interval_s=2.0, cores=8)
+    machine.run(2.5, ours=4.0, others=0.0)
+    assert governor.tick() == 4
+    machine.run(2.5, ours=4.0, others=5.0)  # five of the eight taken: three left
+    assert governor.tick() == 3
+    machine.run(2.5, ours=3.0, others=0.0)
+    assert governor.tick() == 4 and torch.get_num_threads() == 4
+
+
 def test_disabled_governor_does_nothing(machine: FakeMachine, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(2)
     governor = ThreadGovernor(enabled=False, cores=2)

@@ -2,13 +2,15 @@
 
 PyTorch's CPU kernels run on one OpenMP thread per core. When another process is busy on one
 of those cores, each parallel region waits for its slowest thread, the thread that has to
-share a core, while the others spin; a training step then slows ~3-4x instead of the 2x a fair
-share would cost (``bench/contention.py``). `ThreadGovernor` watches how much CPU the *other*
-processes use and runs torch on the cores they leave free:
+share a core, while the others spin; a training step then slows far more than the 2x a fair
+share would cost (4-6x on 2 cores, ``bench/contention.py``). `ThreadGovernor` watches how
+much CPU the *other* processes use and runs torch on the cores they leave free:
 
     busy_others = (d busy jiffies of the whole machine) / HZ - (d CPU seconds of this process)
-    threads     = clamp(cores - round_down(busy_others + 1 - THRESHOLD), 1, cores)
+    threads     = min(start, clamp(cores - round_down(busy_others + 1 - THRESHOLD), 1, cores))
 
+with ``cores`` this process's CPU affinity and ``start`` torch's thread count when the
+governor was made (never more: torch's default may leave hyper-threads out on purpose),
 measured over at least ``interval_s`` of wall time (``/proc/stat`` and ``os.times``; about
 20 microseconds per look). On an idle machine nothing changes, so the idle speed is untouched;
 without ``/proc/stat`` (not Linux) the governor does nothing.
@@ -74,7 +76,7 @@ class ThreadGovernor:
         self.cores = cores or available_cores()
         self.interval_s = interval_s
         self.enabled = enabled and self.cores > 1 and machine_busy_seconds() is not None
-        self.threads = torch.get_num_threads()
+        self.threads = self.start = torch.get_num_threads()
         self.changes = 0
         self._mark = self._look()
 
@@ -92,7 +94,7 @@ class ThreadGovernor:
             return self.threads
         busy_others = max(0.0, (now[1] - self._mark[1]) - (now[2] - self._mark[2])) / wall
         self._mark = now
-        wanted = threads_for(self.cores, busy_others)
+        wanted = min(self.start, threads_for(self.cores, busy_others))
         if wanted != self.threads:
             torch.set_num_threads(wanted)
             self.threads = wanted

@@ -142,7 +142,8 @@ class LogNormalSigmaSampler(UniformTimestepSampler):
         return t.to(device), torch.ones(batch_size, device=device)
 
 
-TIMESTEP_SAMPLERS = ("uniform", "importance", "lognormal")
+TIMESTEP_SAMPLERS = ("uniform", "importance", "loss-second-moment", "lognormal")
+"""The names `make_timestep_sampler` takes (``loss-second-moment`` is ``importance``)."""
 
 
 def make_timestep_sampler(

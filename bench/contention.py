@@ -32,8 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-GOVERNOR = "governor"
+from typing import NamedTuple
 
 
 def worker(which: str, steps: int, warmup_s: float, governed: bool) -> None:
@@ -59,9 +58,15 @@ def worker(which: str, steps: int, warmup_s: float, governed: bool) -> None:
     print(json.dumps({"images_per_s": steps * 32 / seconds, "threads": governor.threads}))
 
 
-def timed_run(which: str, steps: int, env: dict[str, str], loaded: bool, warmup_s: float) -> float:
+class Setting(NamedTuple):
+    """How a worker runs: environment before torch loads, and whether the governor ticks."""
+
+    env: dict[str, str]
+    governed: bool = False
+
+
+def timed_run(which: str, steps: int, setting: Setting, loaded: bool, warmup_s: float) -> float:
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
-    governed = env.get(GOVERNOR) == "1"
     command = [
         sys.executable,
         __file__,
@@ -74,8 +79,8 @@ def timed_run(which: str, steps: int, env: dict[str, str], loaded: bool, warmup_
     ]
     try:
         out = subprocess.run(
-            command + (["--governed"] if governed else []),
-            env={**os.environ, **{k: v for k, v in env.items() if k != GOVERNOR}},
+            command + (["--governed"] if setting.governed else []),
+            env={**os.environ, **setting.env},
             capture_output=True, text=True, check=True,
         )  # fmt: skip
     finally:
@@ -99,10 +104,10 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.steps, args.warmup_s, args.governed)
         return
-    settings: dict[str, dict[str, str]] = {"default": {}, GOVERNOR: {GOVERNOR: "1"}}
+    settings = {"default": Setting({}), "governor": Setting({}, governed=True)}
     for count in filter(None, args.spincounts.split(",")):
-        settings[f"GOMP_SPINCOUNT={count}"] = {"GOMP_SPINCOUNT": count}
-    settings["OMP_WAIT_POLICY=PASSIVE"] = {"OMP_WAIT_POLICY": "PASSIVE"}
+        settings[f"GOMP_SPINCOUNT={count}"] = Setting({"GOMP_SPINCOUNT": count})
+    settings["OMP_WAIT_POLICY=PASSIVE"] = Setting({"OMP_WAIT_POLICY": "PASSIVE"})
     if args.settings:
         settings = {name: settings[name] for name in args.settings.split(",")}
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}

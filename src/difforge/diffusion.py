@@ -329,9 +329,7 @@ class GaussianDiffusion:
 
     def timestep_sampler(self, name: str) -> UniformTimestepSampler:
         """The sampler of training timesteps ``name`` (uniform, importance, lognormal) over this chain."""
-        alphas_cumprod = self._tables["alphas_cumprod"]
-        sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
-        return make_timestep_sampler(name, self.num_timesteps, sigmas)
+        return make_timestep_sampler(name, self.num_timesteps, self.schedule.sigmas)
 
     def settings(self) -> dict[str, Any]:
         """The constructor keywords (not the schedule), to build a sibling process."""

@@ -13,8 +13,6 @@ what a sample looks like.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -128,8 +126,8 @@ class LogNormalSigmaSampler(UniformTimestepSampler):
         if not np.all(np.diff(log_sigma) > 0) or not p_std > 0:
             raise DifforgeError("log-normal timesteps need increasing noise levels and p_std > 0")
         edges = np.concatenate([[-np.inf], (log_sigma[1:] + log_sigma[:-1]) / 2, [np.inf]])
-        cdf = np.array([0.5 * math.erfc(-(e - p_mean) / (p_std * math.sqrt(2.0))) for e in edges])
-        self._p = torch.from_numpy(np.diff(cdf))
+        cdf = torch.special.ndtr(torch.from_numpy((edges - p_mean) / p_std))
+        self._p = torch.diff(cdf)
 
     def probabilities(self) -> torch.Tensor:
         return self._p
@@ -155,6 +153,8 @@ def make_timestep_sampler(
         return UniformTimestepSampler(num_timesteps)
     if name in ("importance", "loss-second-moment"):
         return LossSecondMomentSampler(num_timesteps)
-    if name == "lognormal" and sigmas is not None:
+    if name == "lognormal":
+        if sigmas is None:
+            raise DifforgeError("timestep sampler 'lognormal' needs the chain's noise levels (sigmas)")
         return LogNormalSigmaSampler(sigmas)
     raise DifforgeError(f"timestep sampler must be one of {', '.join(TIMESTEP_SAMPLERS)}, got {name!r}")

@@ -78,20 +78,20 @@ class ThreadGovernor:
         self.enabled = enabled and self.cores > 1 and machine_busy_seconds() is not None
         self.threads = self.start = torch.get_num_threads()
         self.changes = 0
-        self._mark = self._look()
+        self._mark = self._look(time.monotonic())
 
     @staticmethod
-    def _look() -> tuple[float, float, float]:
-        return time.monotonic(), machine_busy_seconds() or 0.0, own_cpu_seconds()
+    def _look(now: float) -> tuple[float, float, float]:
+        return now, machine_busy_seconds() or 0.0, own_cpu_seconds()
 
     def tick(self) -> int:
-        """Re-decide the thread count when ``interval_s`` has passed; returns the count."""
-        if not self.enabled:
+        """Re-decide the thread count when ``interval_s`` has passed; returns the count.
+        Between decisions it reads only the clock."""
+        wall_now = time.monotonic()
+        if not self.enabled or wall_now - self._mark[0] < self.interval_s:
             return self.threads
-        now = self._look()
+        now = self._look(wall_now)
         wall = now[0] - self._mark[0]
-        if wall < self.interval_s:
-            return self.threads
         busy_others = max(0.0, (now[1] - self._mark[1]) - (now[2] - self._mark[2])) / wall
         self._mark = now
         wanted = min(self.start, threads_for(self.cores, busy_others))

@@ -204,9 +204,8 @@ class Trainer:
         return default_steps(self.config.preset)
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of 0-based optimizer step ``step``: linear warm-up over
-        ``warmup_steps`` (lr (step + 1) / warmup), then ``lr_schedule``: constant, or cosine
-        from lr at the end of the warm-up to 0 after the last of ``total_steps``."""
+        """The learning rate of 0-based optimizer step ``step`` under this run's plan
+        (`learning_rate` with ``warmup_steps``, ``total_steps`` and ``lr_schedule``)."""
         config = self.config
         return learning_rate(config.lr, step, config.warmup_steps, self.total_steps, config.lr_schedule)
 

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from difforge import __version__
 from difforge.errors import DifforgeError, check_number
-from difforge.flags import add_dataclass_flags, dataclass_values, field_default
+from difforge.flags import add_alternative_flags, add_dataclass_flags, dataclass_values, field_default
 
 EXIT_USAGE = 2
 
@@ -83,20 +83,20 @@ _TRAIN_HELP = {
     "(default: a fresh model)",
 }
 
-_DIFFUSION_HELP = {
-    "schedule": "beta schedule: linear, cosine, quadratic, sigmoid",
-    "num_timesteps": "diffusion steps T",
-    "prediction": "what the network predicts: eps, x0 or v",
-    "variance": "reverse-process variance: fixed_small, fixed_large or learned_range",
-    "loss": "mse, l1, huber, hybrid (mse + lambda L_vlb, needed for learned_range) or vlb",
-    "vlb_weight": "lambda of the hybrid loss",
-    "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default: off)",
-    "huber_delta": "Huber loss transition point",
-}
+
+def _process_flag_help() -> dict[str, str]:
+    """Field -> help of every process kind's flags (the first kind's text for a shared field)."""
+    from difforge.process import PROCESS_KINDS
+
+    helps: dict[str, str] = {}
+    for config_class in PROCESS_KINDS.values():
+        for name, text in getattr(config_class, "flag_help", {}).items():
+            helps.setdefault(name, text)
+    return helps
 
 
 def _add_train(subparsers: Any) -> None:
-    from difforge.diffusion import DiffusionConfig
+    from difforge.process import PROCESS_KINDS
     from difforge.runs.config import TrainConfig
 
     parser = subparsers.add_parser(
@@ -122,7 +122,14 @@ def _add_train(subparsers: Any) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dataclass_flags(parser, TrainConfig, _TRAIN_HELP, "train.")
-    add_dataclass_flags(parser, DiffusionConfig, _DIFFUSION_HELP, "diffusion.", _FLAG_NAMES)
+    parser.add_argument(
+        "--process",
+        dest="process_kind",
+        default=None,
+        help=f"the forward process: {', '.join(PROCESS_KINDS)} "
+        "(default: gaussian; with --resume: the run's own)",
+    )
+    add_alternative_flags(parser, PROCESS_KINDS, _process_flag_help(), "diffusion.", _FLAG_NAMES)
     parser.set_defaults(func=_run_train)
 
 
@@ -185,8 +192,10 @@ def _resumed_plan(saved: Any, args: argparse.Namespace) -> tuple[Any, list[str]]
     refused = [
         (_flag(name), getattr(saved.diffusion, name, None), value)
         for name, value in diffusion_values.items()
-        if f"diffusion.{name}" in explicit and value != getattr(saved.diffusion, name, None)
+        if value is not None and value != getattr(saved.diffusion, name, None)
     ]
+    if args.process_kind is not None and args.process_kind != saved.diffusion.kind:
+        refused.insert(0, ("--process", saved.diffusion.kind, args.process_kind))
     if args.data is not None and args.data != saved.train.data:
         refused.insert(0, ("DATA", saved.train.data, args.data))
     changes: dict[str, Any] = {}
@@ -212,6 +221,28 @@ def _resumed_plan(saved: Any, args: argparse.Namespace) -> tuple[Any, list[str]]
     return replace(saved.train, **changes).validate(), notes
 
 
+def _process_config(kind: str | None, values: dict[str, Any]) -> Any:
+    """The process config of ``--process KIND`` with the process flags given (None = not
+    given: the kind's own default); a flag of another kind is a one-line error."""
+    from dataclasses import fields
+
+    from difforge.process import PROCESS_KINDS
+
+    kind = kind or "gaussian"
+    config_class = PROCESS_KINDS.get(kind)
+    if config_class is None:
+        raise DifforgeError(f"--process must be one of {', '.join(PROCESS_KINDS)}; got {kind!r}")
+    own = {f.name for f in fields(config_class)}
+    given = {name: value for name, value in values.items() if value is not None}
+    foreign = [name for name in given if name not in own]
+    if foreign:
+        owners = [k for k, c in PROCESS_KINDS.items() if foreign[0] in {f.name for f in fields(c)}]
+        raise DifforgeError(
+            f"{_flag(foreign[0])} does not apply to --process {kind} (it is a setting of {', '.join(owners)})"
+        )
+    return config_class(**given)
+
+
 def _resume(trainer: Any, out: Path, is_main: bool) -> None:
     """Load the newest intact checkpoint, or start the saved plan from step 0 when the run
     was stopped before its first one."""
@@ -231,7 +262,6 @@ def _resume(trainer: Any, out: Path, is_main: bool) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from difforge.diffusion import DiffusionConfig
     from difforge.runs import RunConfig, TrainConfig, resolve_device
     from difforge.training import Trainer, prepare_run
     from difforge.training.trainer import TrainingInterrupted
@@ -254,15 +284,15 @@ def _run_train(args: argparse.Namespace) -> int:
             )
         if train_config.init_from is not None:
             explicit = getattr(args, "explicit", set())
-            inherited = [f"train.{name}" for name in INHERITED_FROM_PARENT] + [
-                f"diffusion.{name}" for name in diffusion_values
-            ]
+            inherited = [f"train.{name}" for name in INHERITED_FROM_PARENT]
             given = [_flag(dest.split(".", 1)[1]) for dest in inherited if dest in explicit]
+            given += [_flag(name) for name, value in diffusion_values.items() if value is not None]
+            given += ["--process"] if args.process_kind is not None else []
             if given:
                 raise DifforgeError(
                     f"{given[0]}: with --init-from the model, its size and the process are the parent run's"
                 )
-        process_config = DiffusionConfig(**diffusion_values)
+        process_config = _process_config(args.process_kind, diffusion_values)
         model_overrides = None
         changes = []
     device = resolve_device(args.device)
@@ -509,7 +539,10 @@ def _run_info(args: argparse.Namespace) -> int:
         f"model:      {config.train.preset} {_model_name(config)}, "
         f"{model.image_size}x{model.image_size}x{model.in_channels}"
     )
-    settings = {k: v for k, v in config.diffusion.to_dict().items() if k != "kind"}
+    describe = getattr(config.diffusion, "describe", None)
+    settings = (
+        describe() if describe else {k: v for k, v in config.diffusion.to_dict().items() if k != "kind"}
+    )
     print(f"process:    {config.diffusion.kind}, " + ", ".join(f"{k} {v}" for k, v in settings.items()))
     if checkpoints:
         print(f"checkpoints: {', '.join(p.name for p in checkpoints)}")

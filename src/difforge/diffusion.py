@@ -179,6 +179,18 @@ class DiffusionConfig:
     """
 
     kind: ClassVar[str] = "gaussian"
+    flag_help: ClassVar[dict[str, str]] = {
+        "schedule": "beta schedule: linear, cosine, quadratic, sigmoid",
+        "num_timesteps": "diffusion steps T (cold: degradation levels T)",
+        "prediction": "what the network predicts: eps, x0 or v",
+        "variance": "reverse-process variance: fixed_small, fixed_large or learned_range",
+        "loss": "mse, l1, huber, hybrid (mse + lambda L_vlb, needed for learned_range) or vlb "
+        "(cold: l1 or mse, on the restored x0)",
+        "vlb_weight": "lambda of the hybrid loss",
+        "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default: off)",
+        "huber_delta": "Huber loss transition point",
+    }
+    """The ``difforge train`` help of each field that has a flag."""
 
     schedule: str = "linear"
     num_timesteps: int = 1000

@@ -54,6 +54,45 @@ def add_dataclass_flags(
         )
 
 
+def add_alternative_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    classes: Mapping[str, type],
+    helps: Mapping[str, str],
+    dest_prefix: str,
+    flag_names: Mapping[str, str] | None = None,
+) -> None:
+    """One flag per field named in ``helps`` of any of ``classes`` (name -> dataclass: the
+    process kinds), so a field several of them share is one flag with one meaning. The
+    parsed default is None, which means "the chosen class's own default"; the help text
+    shows each class's default ("default: 1000 for gaussian, 50 for cold")."""
+    owners: dict[str, list[tuple[str, type]]] = {}
+    for name, cls in classes.items():
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name in helps:
+                owners.setdefault(f.name, []).append((name, cls))
+    for field_name, owned in owners.items():
+        flag = (flag_names or {}).get(field_name, "--" + field_name.replace("_", "-"))
+        defaults = [(name, field_default(cls, field_name)) for name, cls in owned]
+        shown = ", ".join(
+            f"{'off' if value is None else ('on' if value is True else value)}"
+            + (f" for {name}" if len(classes) > 1 else "")
+            for name, value in defaults
+        )
+        text = f"{helps[field_name]} (default: {shown})"
+        dest = dest_prefix + field_name
+        first = defaults[0][1]
+        if isinstance(first, bool):
+            parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(type(first).__name__ if first is not None else "")
+        if kind is None:
+            annotation = str(next(f.type for f in fields(owned[0][1]) if f.name == field_name))  # type: ignore[arg-type]
+            kind = int if "int" in annotation else float if "float" in annotation else str
+        parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=field_name.upper(), help=text)
+
+
 def dataclass_values(args: argparse.Namespace, dest_prefix: str) -> dict[str, Any]:
     """The flags `add_dataclass_flags` stored under ``dest_prefix``, by field name."""
     return {k[len(dest_prefix) :]: v for k, v in vars(args).items() if k.startswith(dest_prefix)}

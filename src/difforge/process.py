@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from difforge.cold import ColdConfig
 from difforge.diffusion import DiffusionConfig
 from difforge.errors import DifforgeError
 from difforge.timestep_sampling import UniformTimestepSampler
@@ -35,6 +36,9 @@ class Process(Protocol):
       at least ``"loss"`` (what the trainer minimises, before the timestep weights); every
       other entry is a scalar term the trainer logs as it is;
     - ``timestep_sampler(name)``: the sampler of training timesteps (uniform, importance).
+
+    Optional: ``prior_sample(shape, generator)``, the x_T that generation starts from (see
+    `draw_prior`; without it, unit Gaussian noise).
 
     ``x0`` and ``noise`` are (B, C, H, W) in [-1, 1] and unit variance; ``t`` is (B,) int64
     in 0..num_timesteps-1.
@@ -69,8 +73,12 @@ class ProcessConfig(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    # Optional: ``fit_to_data(images, count) -> ProcessConfig``, settings learned from the
+    # training images before training starts (the cold prior); ``images(i)`` is image i.
+    # Optional: ``flag_help`` (field -> ``difforge train`` help text) and ``flag_defaults``.
 
-PROCESS_KINDS: dict[str, Any] = {DiffusionConfig.kind: DiffusionConfig}
+
+PROCESS_KINDS: dict[str, Any] = {DiffusionConfig.kind: DiffusionConfig, ColdConfig.kind: ColdConfig}
 """kind -> its config class (with ``from_dict``); the one registry of processes."""
 
 
@@ -94,3 +102,18 @@ def process_config_from_dict(data: Mapping[str, Any], source: str = "diffusion s
             f"{source}: unknown process kind {kind!r}; known: {', '.join(sorted(PROCESS_KINDS))}"
         )
     return config_class.from_dict(data)
+
+
+def draw_prior(
+    process: Any,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The (B, C, H, W) x_T generation starts from, on ``device``: the process's
+    ``prior_sample`` when it has one, else z ~ N(0, I) drawn on the generator's device."""
+    prior_sample = getattr(process, "prior_sample", None)
+    if prior_sample is not None:
+        return prior_sample(shape, generator=generator).to(device)
+    gen_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)

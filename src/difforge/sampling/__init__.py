@@ -14,6 +14,8 @@ import torch
 
 from difforge.diffusion import Denoiser
 from difforge.errors import DifforgeError
+from difforge.process import draw_prior
+from difforge.sampling.cold import cold, cold_levels, cold_naive
 from difforge.sampling.config import GUIDED_DEFAULT, SampleConfig
 from difforge.sampling.guidance import classifier_free_guidance
 from difforge.sampling.registry import (
@@ -100,8 +102,11 @@ def generate(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     callback: Callback | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Draw unit noise of ``shape`` from ``generator`` and run `sample` on it with the
+    """Draw x_T of ``shape`` from ``generator`` (unit noise, or the process's prior:
+    `difforge.process.draw_prior`), or take ``start`` (e.g. a degraded image to restore),
+    and run `sample` on it with the
     conditioning dict ``cond`` (model keywords, e.g. ``class_labels``, ``image_cond``) and
     classifier-free guidance against ``null_cond`` (key -> null maker or value, see
     `difforge.conditioning.null_conditions`) at ``config.guidance_for(bool(null_cond))``.
@@ -109,8 +114,7 @@ def generate(
     Returns (B, C, H, W) samples on ``device``.
     """
     config = config or SampleConfig()
-    gen_device = generator.device if generator is not None else torch.device(device)
-    noise = torch.randn(shape, generator=generator, device=gen_device).to(device)
+    noise = draw_prior(process, shape, generator, device) if start is None else start.to(device)
     model_kwargs = {key: value.to(device) for key, value in (cond or {}).items()}
     denoiser = model
     guidance = config.guidance_for(bool(null_cond) and bool(model_kwargs))
@@ -137,6 +141,9 @@ __all__ = [
     "StepInfo",
     "StepOutput",
     "classifier_free_guidance",
+    "cold",
+    "cold_levels",
+    "cold_naive",
     "ancestral_levels",
     "ddim",
     "ddim_step",

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from difforge.cold import ColdProcess
 from difforge.diffusion import Denoiser, GaussianDiffusion
 from difforge.errors import DifforgeError
+from difforge.sampling.cold import cold, cold_levels, cold_naive
 from difforge.sampling.samplers import (
     Callback,
     RestartInterval,
@@ -262,4 +264,54 @@ register_sampler(
     evaluations=lambda steps: 2 * steps - 1 + (2 * RESTART_STEPS * RESTART_REPEATS if steps >= 2 else 0),
     summary="Restart sampling (Xu et al. 2023): Heun, plus noise-and-retrace around sigma 0.06-0.3",
     options={"s_noise": 1.0},
+)
+
+
+# ---- the samplers of the cold process -------------------------------------------------------
+
+
+def _cold_runner(naive: bool) -> Runner:
+    """The adapter of `cold` (Algorithm 2) or Algorithm 1: ``config.steps`` evenly spread
+    levels from the process's T (or the restoration's start) to 0, clipping from the config."""
+
+    def run(
+        model: Denoiser,
+        process: ColdProcess,
+        x_start: torch.Tensor,
+        config: SampleConfig,
+        *,
+        model_kwargs: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        return cold(
+            model,
+            process,
+            x_start,
+            cold_levels(process.num_timesteps, config.steps),
+            naive=naive,
+            model_kwargs=model_kwargs,
+            clip_denoised=config.clip,
+            dynamic_threshold=config.dynamic_threshold,
+            generator=generator,
+            callback=callback,
+        )
+
+    return run
+
+
+_COLD = (ColdProcess.kind,)
+register_sampler(
+    "cold",
+    cold,
+    _cold_runner(naive=False),
+    processes=_COLD,
+    summary="cold diffusion's Algorithm 2: x - D(x0_hat, s) + D(x0_hat, s'), step skipping",
+)
+register_sampler(
+    "cold_naive",
+    cold_naive,
+    _cold_runner(naive=True),
+    processes=_COLD,
+    summary="cold diffusion's Algorithm 1: D(x0_hat, s'), step skipping",
 )

@@ -26,7 +26,8 @@ def prepare_run(
 ) -> tuple[torch.nn.Module, Process, ImageDataset, RunConfig]:
     """Open the data, then build the U-Net (preset + overrides, sized to the data: image
     size, channels, classes, and what the process needs, e.g. learned-variance outputs) and
-    the process, seeded by ``train.seed``. Returns (model, process, dataset, run config).
+    the process, seeded by ``train.seed``; a process config with ``fit_to_data`` (the cold
+    prior) is fitted to the images first. Returns (model, process, dataset, run config).
 
     With ``train.init_from`` (a run or one of its checkpoints) the model and the process are
     the parent run's, the data is read at the parent's size and channels, and the model
@@ -52,6 +53,11 @@ def prepare_run(
         hflip=train.hflip,
     )
     train = replace(train, image_size=dataset.image_size, channels=dataset.channels)
+    fit_to_data = getattr(process, "fit_to_data", None)
+    if fit_to_data is not None:  # e.g. the cold prior; a no-op once it is stored
+        with torch.random.fork_rng(devices=[]):  # augmentations must not move the run's RNG
+            process = fit_to_data(lambda index: dataset[index][0], len(dataset))
+        built = process.build()
     num_classes = dataset.num_classes if train.conditional else 0
     if parent is not None and num_classes != parent.model.num_classes:
         raise DifforgeError(

@@ -2,7 +2,10 @@
 trainer calls every ``sample_every`` steps (and at the end).
 
 The grid has one column per class for class-conditional runs; other conditions (an
-image, say) are taken from the first items of the dataset. Sampling uses the run's
+image, say) are taken from the first items of the dataset. A process that cannot generate
+from nothing (a cold run whose fully degraded image still depends on the picture) restores
+the first dataset images from their fully degraded versions instead; the strip then shows
+the degradation walked back. Sampling uses the run's
 `TrainConfig.preview_sampling` (the `SampleConfig` defaults with the preview sampler and
 steps) and the EMA weights.
 """
@@ -28,16 +31,22 @@ STRIP_FRAMES = 8
 """About how many steps the strip shows (plus the last)."""
 
 
+def preview_items(trainer: Trainer, count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The first ``count`` dataset items (cycled), collated: (count, C, H, W) images and the
+    raw cond dict, drawn without moving the run's RNG."""
+    with torch.random.fork_rng(devices=[]):  # augmentations must not move the run's RNG
+        torch.manual_seed(trainer.config.seed)
+        items = [trainer.dataset[i % len(trainer.dataset)] for i in range(count)]
+    return default_collate(items)  # type: ignore[no-any-return]
+
+
 def preview_conditions(trainer: Trainer, count: int) -> dict[str, torch.Tensor]:
     """The cond dict of a preview grid of ``count`` images (on the trainer's device)."""
     conditions = trainer.conditions
     raw: dict[str, torch.Tensor] = {}
     others = [key for key in conditions if key != ClassLabel.key]
     if others:
-        with torch.random.fork_rng(devices=[]):  # augmentations must not move the run's RNG
-            torch.manual_seed(trainer.config.seed)
-            items = [trainer.dataset[i % len(trainer.dataset)][1] for i in range(count)]
-        collated = default_collate(items)
+        collated = preview_items(trainer, count)[1]
         raw.update({key: collated[key] for key in others})
     if ClassLabel.key in conditions:
         num_classes = conditions[ClassLabel.key].num_classes  # type: ignore[attr-defined]
@@ -65,6 +74,11 @@ def write_preview(trainer: Trainer) -> Path | None:
     sampling = config.preview_sampling()
     sampling = sampling.updated(steps=min(sampling.steps, trainer.process.num_timesteps))
     channels, size = trainer.image_shape[0], trainer.image_shape[1]
+    start = None
+    if not getattr(trainer.process, "can_generate", True):  # a restoration-only run restores data
+        images = preview_items(trainer, count)[0].to(trainer.device)
+        top = torch.full((count,), trainer.process.num_timesteps, dtype=torch.long, device=trainer.device)
+        start = trainer.process.degrade(images, top)  # type: ignore[attr-defined]
     samples = generate(
         trainer.ema.model,
         trainer.process,
@@ -75,6 +89,7 @@ def write_preview(trainer: Trainer) -> Path | None:
         generator=torch.Generator(device=trainer.device).manual_seed(sampling.seed),
         callback=keep,
         device=trainer.device,
+        start=start,
     )
     grid = make_grid(to_uint8(samples), columns=columns)
     folder = trainer.run_dir / "samples"

@@ -30,6 +30,7 @@ from difforge.degradations import (
     Degradation,
     DegradationSettings,
     build_degradation,
+    parse_target,
 )
 from difforge.diffusion import dynamic_thresholding, mean_flat
 from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
@@ -135,6 +136,7 @@ class ColdConfig:
             raise DifforgeError(
                 f"--noise-schedule must be one of {', '.join(SCHEDULE_NAMES)}; got {self.noise_schedule!r}"
             )
+        parse_target(self.target)  # checked even when this degradation has no fill
         build_degradation(self.degradation_settings())  # the degradation's own checks
         if self.prior is not None:
             GaussianMixture.from_dict(self.prior, "the run's cold prior (config.json)")
@@ -156,10 +158,17 @@ class ColdConfig:
         return {"learn_sigma": False}
 
     def fit_to_data(self, images: Callable[[int], torch.Tensor], count: int) -> ColdConfig:
-        """This config with the prior fitted to the training images' channel means, when the
-        degradation can generate and no prior is stored yet. ``images(i)`` is image i,
+        """Check the degradation against the training images (decolorize and a colour target
+        need RGB) and return this config with the prior fitted to their channel means, when
+        the degradation can generate and no prior is stored yet. ``images(i)`` is image i,
         (C, H, W) in [-1, 1]; at most `PRIOR_IMAGES` of the ``count`` are read."""
-        if self.prior is not None or build_degradation(self.degradation_settings()).endpoint != "mean":
+        degradation = build_degradation(self.degradation_settings())
+        if count < 1:
+            raise DifforgeError("cold training needs at least one image")
+        first = images(0)[None]
+        top = torch.full((1,), degradation.num_timesteps, dtype=torch.long)
+        degradation.degrade(first, top, torch.zeros_like(first) if degradation.needs_noise else None)
+        if self.prior is not None or degradation.endpoint != "mean":
             return self
         if count < 2:
             raise DifforgeError("cold generation needs at least 2 training images to fit its prior")

@@ -17,9 +17,10 @@ operators) are built once per image size, in float64, and cast to the input's dt
 - ``mask``: Gaussian masking from the centre out ("defading"): M_s = prod_{i<=s} m_i with
   m_i(p) = 1 - exp(-|p - c|^2 / (2 sigma_i^2)), sigma_i = mask_std (i - 1 + mask_start);
   D = M_s x0 + (1 - M_s) target.
-- ``pixelate``: area-downsample to side r_s, then nearest-upsample back (the paper's
-  super-resolution operator), r_s geometric from N down to ``pixelate_min``; as the linear
-  operator P_s x P_s^T per axis, so mixed levels need no loop.
+- ``pixelate``: area-downsample by a factor k, then nearest-upsample back (the paper's
+  super-resolution operator), k growing along a chain of divisors of N (1, 2, 4, ... 32), the
+  levels between two factors blending the two; as averaging matrices P_k x P_k^T, so mixed
+  levels need no loop.
 - ``fade``: D = (1 - s/T) x0 + (s/T) target.
 - ``decolorize``: D = (1 - s/T) x0 + (s/T) grey(x0), grey = ITU-R BT.601 luma.
 - ``noise``: the Gaussian special case D = sqrt(abar_s) x0 + sqrt(1 - abar_s) z (needs z).
@@ -303,8 +304,36 @@ class Mask(Degradation):
         return keep * x0 + (1 - keep) * self.target.like(x0)
 
 
+def factor_chain(n: int, pixelate_min: int) -> list[int]:
+    """Block sizes 1 = k_0 < k_1 < ... of an n-pixel axis, each dividing the next and n
+    (n's prime factors multiplied in, smallest first), while n / k >= ``pixelate_min``:
+    32 -> [1, 2, 4, 8, 16, 32]; 28 -> [1, 2, 4, 28]."""
+    chain, rest, prime = [1], n, 2
+    while rest > 1:
+        while rest % prime:
+            prime += 1
+        if n // (chain[-1] * prime) < pixelate_min:
+            break
+        chain.append(chain[-1] * prime)
+        rest //= prime
+    return chain
+
+
+def block_average(n: int, k: int) -> np.ndarray:
+    """(n, n) the averaging over blocks of k pixels (k divides n): area-downsampling by k,
+    then nearest-upsampling back, on one axis."""
+    block = np.arange(n) // k
+    return (block[:, None] == block[None, :]) / float(k)
+
+
 class Pixelate(Degradation):
-    """Area-downsample to r_s x r_s and nearest-upsample back, as two averaging matrices."""
+    """Block-average over growing blocks (area-downsample, nearest-upsample back).
+
+    The block sizes k_0 = 1 < k_1 < ... < k_J form `factor_chain` (so each pixelation is an
+    orthogonal projection of the one before); level s sits at p = s J / T along the chain and
+    blends the two pixelations around it: D = (1 - w) P_{k_j} x + w P_{k_{j+1}} x, j = floor(p),
+    w = p - j. The distance to x0 then grows with s, and level T is the block size k_J
+    (the per-channel mean when ``pixelate_min`` is 1)."""
 
     name = "pixelate"
 
@@ -318,30 +347,37 @@ class Pixelate(Degradation):
     def endpoint(self) -> str | None:
         return "mean" if self.pixelate_min == 1 else None
 
-    def resolutions(self, n: int) -> np.ndarray:
-        """(T + 1,) side r_s of level s: n * (r_min / n)^(s / T) rounded, non-increasing, r_0 = n."""
-        low = min(self.pixelate_min, n)
-        s = np.arange(self.num_timesteps + 1, dtype=np.float64) / self.num_timesteps
-        sides = np.round(n * (low / n) ** s).astype(np.int64)
-        return np.minimum.accumulate(np.clip(sides, low, n))
+    def chain(self, n: int) -> list[int]:
+        chain = factor_chain(n, self.pixelate_min)
+        if len(chain) < 2:
+            raise DifforgeError(f"pixelate: --pixelate-min {self.pixelate_min} leaves nothing to pixelate at {n} px")
+        return chain
 
     def operators(self, n: int) -> np.ndarray:
-        """(T + 1, n, n) P_s: area-downsample n -> r_s (adaptive average pooling's bins
-        [floor(o n / r), ceil((o + 1) n / r))) followed by nearest upsampling r_s -> n
-        (output pixel i reads bin floor(i r / n)), as one matrix."""
-        operators = np.zeros((self.num_timesteps + 1, n, n))
-        for s, side in enumerate(self.resolutions(n)):
-            for i in range(n):
-                o = (i * side) // n
-                start, end = (o * n) // side, -((-(o + 1) * n) // side)
-                operators[s, i, start:end] = 1.0 / (end - start)
-        return operators
+        """(2, T + 1, n, n): the pixelation below and above each level's chain position."""
+        chain = self.chain(n)
+        steps = len(chain) - 1
+        position = np.arange(self.num_timesteps + 1) * steps / self.num_timesteps
+        below = np.minimum(np.floor(position).astype(np.int64), steps - 1)
+        matrices = np.stack([block_average(n, k) for k in chain])
+        return np.stack([matrices[below], matrices[below + 1]])
+
+    def weights(self, n: int) -> np.ndarray:
+        """(T + 1,) w: the share of the coarser pixelation at each level."""
+        steps = len(self.chain(n)) - 1
+        position = np.arange(self.num_timesteps + 1) * steps / self.num_timesteps
+        return position - np.minimum(np.floor(position), steps - 1)
 
     def _apply(self, x0: torch.Tensor, level: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         height, width = x0.shape[-2:]
-        rows = self._table(("rows", height), lambda: self.operators(height), x0)[level]
-        cols = self._table(("cols", width), lambda: self.operators(width), x0)[level]
-        return torch.einsum("bij,bcjk,blk->bcil", rows, x0, cols)
+        rows = self._table(("rows", height), lambda: self.operators(height), x0)[:, level]
+        cols = self._table(("cols", width), lambda: self.operators(width), x0)[:, level]
+        if len(self.chain(height)) != len(self.chain(width)):
+            raise DifforgeError(f"pixelate needs the same block chain on both axes ({height} x {width} px)")
+        share = _per_image(self._table(("w", height), lambda: self.weights(height), x0)[level])
+        fine = torch.einsum("bij,bcjk,blk->bcil", rows[0], x0, cols[0])
+        coarse = torch.einsum("bij,bcjk,blk->bcil", rows[1], x0, cols[1])
+        return (1 - share) * fine + share * coarse
 
 
 class Fade(Degradation):

@@ -24,7 +24,7 @@ from difforge.conditioning import (
     null_conditions,
     prepare_conditions,
 )
-from difforge.errors import DifforgeError
+from difforge.errors import DifforgeError, check_number
 from difforge.images import to_uint8
 from difforge.process import Process
 from difforge.runs.config import RunConfig
@@ -181,16 +181,19 @@ class Pipeline:
             raise DifforgeError("--guidance needs a model trained with condition dropout; this one has none")
         generator = torch.Generator().manual_seed(config.seed)
         conditions = self._conditions(num_images, classes, cond, generator)
-        return self._sample_batches(num_images, conditions, config, generator, callback)
+        return self._sample_batches(self.process, num_images, conditions, config, generator, callback)
 
     def _sample_batches(
         self,
+        process: Process,
         num_images: int,
         conditions: Mapping[str, torch.Tensor],
         config: SampleConfig,
         generator: torch.Generator,
         callback: Callable[[int, StepInfo], None] | None,
+        starts: torch.Tensor | None = None,
     ) -> Iterator[np.ndarray]:
+        """Batches of `generate` from the prior, or from the rows of ``starts`` (restoration)."""
         null = null_conditions(self.conditions) if self.guidable else None
         for batch_index, start in enumerate(range(0, num_images, config.batch_size)):
             count = min(config.batch_size, num_images - start)
@@ -198,7 +201,7 @@ class Pipeline:
             with torch.no_grad():
                 samples = generate(
                     self.model,
-                    self.process,
+                    process,
                     (count, *self.image_shape),
                     config,
                     cond={key: value[start : start + count] for key, value in conditions.items()},
@@ -206,8 +209,75 @@ class Pipeline:
                     generator=generator,
                     device=self.device,
                     callback=step_callback,
+                    start=None if starts is None else starts[start : start + count],
                 )
             yield to_uint8(samples)
+
+    # ---- restoration (cold processes) ----------------------------------------------------------
+
+    def restoring_process(self) -> Any:
+        """The process, when it can restore (a cold process: ``degrade`` and ``up_to``)."""
+        if not hasattr(self.process, "up_to") or not hasattr(self.process, "degrade"):
+            raise DifforgeError(
+                f"restore needs a cold-diffusion run (train with --process cold); this run's process is "
+                f"{self.process.kind!r}"
+            )
+        return self.process
+
+    def degrade(self, images: torch.Tensor, level: int, *, seed: int = 0) -> torch.Tensor:
+        """D(images, level): (N, C, H, W) in [-1, 1] -> the same shape, on the CPU (``seed``
+        draws the noise of the ``noise`` degradation)."""
+        process = self.restoring_process()
+        check_number("--from-t", level, low=0, high=process.num_timesteps, integer=True)
+        self._check_images(images)
+        levels = torch.full((images.shape[0],), level, dtype=torch.long)
+        noise = None
+        if process.degradation.needs_noise:
+            noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+        return process.degrade(images.float(), levels, noise)
+
+    def restore(
+        self,
+        degraded: torch.Tensor,
+        *,
+        from_t: int | None = None,
+        classes: ClassSpec = None,
+        config: SampleConfig | None = None,
+        callback: Callable[[int, StepInfo], None] | None = None,
+        **settings: Any,
+    ) -> np.ndarray:
+        """Walk (N, C, H, W) images at degradation level ``from_t`` (default T, fully
+        degraded) back to level 0 with the sampler: (N, H, W, C) uint8. Steps above
+        ``from_t`` are capped at it. A class-conditional model restores with the classes
+        given, else with its null label (no guidance); settings as `__call__`."""
+        process = self.restoring_process()
+        top = process.num_timesteps if from_t is None else from_t
+        view = process.up_to(top)
+        config = (config or SampleConfig()).updated(**settings)
+        config = config.updated(steps=min(config.steps, top)).validate(view.kind)
+        self._check_images(degraded)
+        count = degraded.shape[0]
+        generator = torch.Generator().manual_seed(config.seed)
+        given: dict[str, torch.Tensor] = {}
+        if ClassLabel.key in self.conditions and classes in (None, "random"):
+            if not self.guidable:
+                raise DifforgeError(
+                    "--class: this class-conditional model was trained without label dropout, so it needs "
+                    "the classes of the images to restore"
+                )
+            given[ClassLabel.key] = torch.full((count,), -1, dtype=torch.long)  # the null label
+            config = config.updated(guidance=1.0)
+        conditions = self._conditions(count, classes, given, generator)
+        return np.concatenate(
+            list(self._sample_batches(view, count, conditions, config, generator, callback, starts=degraded))
+        )
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise DifforgeError(
+                f"images must be (N, {', '.join(map(str, self.image_shape))}) for this model, "
+                f"got {tuple(images.shape)}"
+            )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

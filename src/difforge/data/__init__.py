@@ -2,6 +2,7 @@
 
 - `load_dataset(source, image_size=...)` -> `ImageDataset` (a folder or a built-in name);
 - `list_image_files`, `decode_image`, `UnreadableImageError`: reading single files;
+- `load_image_files`: pictures to restore, prepared as training images are;
 - `load_builtin`, `BUILTIN_DATASETS`, `BuiltinArrays`: the packaged datasets.
 
 See ``docs/data.md`` for the formats, the conversions and the built-ins' licences.
@@ -15,7 +16,7 @@ from difforge.data.builtin import (
     builtin_available,
     load_builtin,
 )
-from difforge.data.dataset import CACHE_LIMIT_BYTES, ImageDataset, load_dataset
+from difforge.data.dataset import CACHE_LIMIT_BYTES, ImageDataset, load_dataset, load_image_files
 from difforge.data.io import (
     IMAGE_EXTENSIONS,
     UnreadableImageError,
@@ -37,4 +38,5 @@ __all__ = [
     "list_image_files",
     "load_builtin",
     "load_dataset",
+    "load_image_files",
 ]

@@ -29,6 +29,7 @@ from difforge.data.builtin import BUILTIN_DATASETS, load_builtin
 from difforge.data.io import (
     ImageMode,
     UnreadableImageError,
+    list_image_files,
     max_image_pixels,
     open_image,
     pil_to_array,
@@ -453,3 +454,38 @@ def load_dataset(
     if os.sep in text or "/" in text or text.startswith((".", "~")):
         raise DifforgeError(f"data folder {text!r} does not exist")
     raise DifforgeError(f"{text!r} is neither an existing folder nor a built-in dataset (built-ins: {valid})")
+
+
+def load_image_files(
+    paths: list[str] | list[Path], image_size: int, channels: int
+) -> tuple[torch.Tensor, list[Path], list[tuple[str, str]]]:
+    """Single pictures (``difforge restore``'s IMAGES): each file, or every image under a
+    folder, decoded as the training data is (shorter side resized to ``image_size``, centre
+    crop, ``channels`` 1 = grey or 3 = RGB).
+
+    Returns ((N, C, S, S) float32 in [-1, 1], the N files read, (name, reason) of each file
+    that could not be read). A path that does not exist, or nothing readable at all, is a
+    one-line DifforgeError."""
+    _check_settings(image_size, channels)
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(list_image_files(path))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DifforgeError(f"{path}: no such file or folder")
+    pre = _Preprocess(image_size, channels, random_crop=False, hflip=False)
+    images: list[torch.Tensor] = []
+    read: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for file in files:
+        try:
+            images.append(to_model_range(pre.prepare(open_image(file, pre.mode, draft_size=image_size))))
+            read.append(file)
+        except UnreadableImageError as error:
+            skipped.append((str(file), error.reason))
+    if not images:
+        first = f": {skipped[0][0]} ({skipped[0][1]})" if skipped else ""
+        raise DifforgeError(f"no readable image among the {len(files)} file(s) given{first}")
+    return torch.stack(images), read, skipped

@@ -32,7 +32,9 @@ def config(degradation: str, **settings: object) -> ColdConfig:
     return ColdConfig(degradation=degradation, num_timesteps=T, **settings)  # type: ignore[arg-type]
 
 
-def images(channels: int = 3, size: int = 16, batch: int = 4, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def images(
+    channels: int = 3, size: int = 16, batch: int = 4, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Smooth-ish test pictures in [-1, 1] with structure at every scale."""
     generator = torch.Generator().manual_seed(0)
     x = torch.rand((batch, channels, size, size), generator=generator, dtype=dtype)
@@ -55,7 +57,9 @@ ALL_SETTINGS = [
 IDS = [f"{name}-{'-'.join(map(str, s.values())) or 'default'}" for name, s in ALL_SETTINGS]
 
 
-def degrade(process: ColdProcess, x0: torch.Tensor, level: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def degrade(
+    process: ColdProcess, x0: torch.Tensor, level: int | torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     levels = level if isinstance(level, torch.Tensor) else torch.full((x0.shape[0],), level)
     return process.degrade(x0, levels, noise if process.degradation.needs_noise else None)
 
@@ -173,7 +177,9 @@ def test_blur_of_a_constant_image_is_that_image_and_discrete_ends_at_the_mean() 
         process = config("blur", blur_padding=padding, blur_std=2.0, blur_size=7, discrete=True).build()
         constant = torch.full((2, 3, 9, 9), 0.3, dtype=torch.float64)
         for level in range(T + 1):
-            torch.testing.assert_close(degrade(process, constant, level, constant), constant, rtol=0, atol=1e-12)
+            torch.testing.assert_close(
+                degrade(process, constant, level, constant), constant, rtol=0, atol=1e-12
+            )
         x0 = images()
         top = degrade(process, x0, T, x0)
         torch.testing.assert_close(top, x0.mean(dim=(2, 3), keepdim=True).expand_as(x0), rtol=0, atol=1e-12)
@@ -198,7 +204,9 @@ def test_pixelate_at_factor_k_is_area_downsampling_then_nearest_upsampling() -> 
     x0 = images(size=16)
     for level, k in enumerate([1, 2, 4, 8, 16]):
         expected = F.interpolate(F.interpolate(x0, size=16 // k, mode="area"), size=16, mode="nearest")
-        torch.testing.assert_close(pixelate.degrade(x0, torch.full((4,), level)), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            pixelate.degrade(x0, torch.full((4,), level)), expected, rtol=0, atol=1e-12
+        )
     mean = x0.mean(dim=(2, 3), keepdim=True).expand_as(x0)
     torch.testing.assert_close(pixelate.degrade(x0, torch.full((4,), 4)), mean, rtol=0, atol=1e-12)
 
@@ -221,7 +229,9 @@ def test_mask_fades_from_the_centre_out_towards_its_target() -> None:
     assert np.all(keep[0] == 1) and np.all((keep >= 0) & (keep <= 1)) and np.all(np.diff(keep, axis=0) <= 0)
     assert keep[1, 7, 7] < keep[1, 0, 0]  # the centre goes first
     stds = 0.1 * (np.arange(T) + 11.0)
-    expected = np.prod(1 - np.exp(-(0.5**2 + 7.5**2) / (2 * stds**2)))  # pixel (7, 0): distance^2 0.25 + 56.25
+    expected = np.prod(
+        1 - np.exp(-(0.5**2 + 7.5**2) / (2 * stds**2))
+    )  # pixel (7, 0): distance^2 0.25 + 56.25
     assert keep[T, 7, 0] == pytest.approx(expected, rel=1e-12)
     x0 = images()
     black = config("mask", target="black", discrete=True).build()
@@ -323,7 +333,10 @@ def test_sample_walks_back_from_the_prior_and_restores_from_a_level() -> None:
 def test_the_prior_is_fitted_to_the_mean_colours_and_sampled_as_flat_images() -> None:
     x = images(batch=40, size=8)
     fitted = config("blur", prior_components=2).fit_to_data(lambda i: x[i].float(), 40)
-    assert fitted.prior is not None and config("blur", discrete=False).fit_to_data(lambda i: x[i], 40).prior is None
+    assert (
+        fitted.prior is not None
+        and config("blur", discrete=False).fit_to_data(lambda i: x[i], 40).prior is None
+    )
     again = ColdConfig.from_dict(fitted.to_dict())
     assert again == fitted  # the prior survives config.json
     process = again.build()
@@ -362,9 +375,7 @@ def test_the_mixture_fit_matches_scikit_learn_s() -> None:
 
 
 def test_mixture_samples_have_its_moments_and_bad_data_is_refused() -> None:
-    mixture = GaussianMixture(
-        np.array([0.3, 0.7]), np.array([[-1.0], [2.0]]), np.array([[[0.25]], [[1.0]]])
-    )
+    mixture = GaussianMixture(np.array([0.3, 0.7]), np.array([[-1.0], [2.0]]), np.array([[[0.25]], [[1.0]]]))
     draws = mixture.sample(200_000, torch.Generator().manual_seed(0)).double().numpy()[:, 0]
     mean = 0.3 * -1 + 0.7 * 2
     variance = 0.3 * (0.25 + 1) + 0.7 * (1 + 4) - mean**2

@@ -350,7 +350,9 @@ class Pixelate(Degradation):
     def chain(self, n: int) -> list[int]:
         chain = factor_chain(n, self.pixelate_min)
         if len(chain) < 2:
-            raise DifforgeError(f"pixelate: --pixelate-min {self.pixelate_min} leaves nothing to pixelate at {n} px")
+            raise DifforgeError(
+                f"pixelate: --pixelate-min {self.pixelate_min} leaves nothing to pixelate at {n} px"
+            )
         return chain
 
     def operators(self, n: int) -> np.ndarray:

@@ -542,6 +542,7 @@ def _run_restore(args: argparse.Namespace) -> int:
     process = pipe.restoring_process()
     level = process.num_timesteps if args.from_t is None else args.from_t
     check_number("--from-t", level, low=1, high=process.num_timesteps, integer=True)
+    sampling.validate(process.kind)  # before any picture is read
     channels, size, _ = pipe.image_shape
     images, files, skipped = load_image_files(args.images, size, channels)
     for name, reason in skipped:

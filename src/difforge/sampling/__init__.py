@@ -53,6 +53,7 @@ from difforge.sampling.samplers import (
 )
 
 SAMPLER_NAMES: tuple[str, ...] = sampler_names()
+DEFAULT_STEPS: int = SampleConfig.steps
 """The built-in samplers (`sampler_names()` also lists those registered later)."""
 
 
@@ -83,6 +84,8 @@ def sample(
     config = (config or SampleConfig()).updated(**settings).validate(process.kind)
     entry = get_sampler(config.sampler_for(process.default_sampler), process.kind)
     total = process.num_timesteps
+    if config.steps == DEFAULT_STEPS and total < DEFAULT_STEPS:  # a short chain (cold, T = 10): all of it
+        config = config.updated(steps=total)
     if not 1 <= config.steps <= total:
         raise DifforgeError(f"steps must be an integer in 1..{total} for this model; got {config.steps!r}")
     return entry.run(

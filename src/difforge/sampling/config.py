@@ -37,7 +37,8 @@ class SampleConfig:
     Attributes:
         sampler: a registered sampler (`difforge.sampling.registry`); None = the process's
             ``default_sampler`` (dpmpp_2m_sde for Gaussian diffusion).
-        steps: sampler steps K (NFE: K, or 2K - 1 for heun and edm).
+        steps: sampler steps K (NFE: K, or 2K - 1 for heun and edm); the default is cut to
+            the process's T when T is shorter (a cold run of 10 levels takes 10).
         eta: the share of fresh noise per step, for ddim (0 = deterministic, 1 = DDPM's
             variance on the kept steps), euler_ancestral and dpmpp_2m_sde (0 = their ODE
             solver, 1 = the ancestral/SDE amount).

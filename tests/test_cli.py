@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_line_error
 from PIL import Image
 
 from difforge.cli import main
@@ -30,17 +31,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse errors
-        code = exit_.code
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    assert "Traceback" not in captured.err
-    lines = [line for line in captured.err.strip().splitlines() if line]
-    assert len(lines) == 1, captured.err
-    return lines[0]
+_error = one_line_error
 
 
 def test_sample_writes_grid_pngs_and_gif(trained_run: Path, tmp_path: Path) -> None:

@@ -384,3 +384,35 @@ def test_mixture_samples_have_its_moments_and_bad_data_is_refused() -> None:
     assert single.weights.shape == (1,)
     with pytest.raises(DifforgeError, match="at least 2 finite points"):
         fit_gaussian_mixture(np.array([[np.nan, 0.0], [0.0, 0.0]]))
+
+
+# ---- restoration metrics ---------------------------------------------------------------------------
+
+
+def test_psnr_and_ssim_match_scikit_image() -> None:
+    metrics = pytest.importorskip("skimage.metrics")
+    from difforge.evaluation.restoration import psnr, ssim
+
+    clean = images(channels=3, size=24, batch=3)
+    noisy = clean + 0.1 * torch.randn(
+        clean.shape, generator=torch.Generator().manual_seed(0), dtype=clean.dtype
+    )
+    blurred = degrade(config("blur", discrete=False).build(), clean, 6, clean)
+    for restored in (noisy, blurred):
+        ours_psnr, ours_ssim = psnr(restored, clean), ssim(restored, clean)
+        for i in range(3):
+            a, b = restored[i].numpy(), clean[i].numpy()
+            theirs = metrics.structural_similarity(
+                a,
+                b,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=2.0,
+                channel_axis=0,
+            )
+            assert float(ours_ssim[i]) == pytest.approx(theirs, abs=1e-10)
+            assert float(ours_psnr[i]) == pytest.approx(
+                metrics.peak_signal_noise_ratio(b, a, data_range=2.0), abs=1e-10
+            )
+    assert float(ssim(clean, clean)[0]) == pytest.approx(1.0) and torch.isinf(psnr(clean, clean)).all()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error
 from PIL import Image
 
 from difforge.cli import main
@@ -23,17 +24,7 @@ TINY_COLD = [
 ]  # fmt: skip
 
 
-def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse errors
-        code = exit_.code
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    assert "Traceback" not in captured.err
-    lines = [line for line in captured.err.strip().splitlines() if line]
-    assert len(lines) == 1, captured.err
-    return lines[0]
+_error = one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +75,7 @@ def test_resume_continues_the_cold_run_and_keeps_its_process(cold_run: Path, tmp
     assert "--process cannot change when resuming" in line
 
 
-def test_sample_draws_from_the_prior_with_both_samplers_and_writes_a_gif(cold_run: Path, tmp_path: Path) -> None:
+def test_sample_draws_from_the_prior_with_both_samplers_and_a_gif(cold_run: Path, tmp_path: Path) -> None:
     grid, gif = tmp_path / "grid.png", tmp_path / "walk.gif"
     assert main(["sample", str(cold_run), "-n", "6", "--out", str(grid), "--gif", str(gif)]) == 0
     assert Image.open(grid).size[0] > 16 and Image.open(gif).n_frames > 1  # (equal frames are merged)
@@ -93,6 +84,10 @@ def test_sample_draws_from_the_prior_with_both_samplers_and_writes_a_gif(cold_ru
     assert np.array_equal(a, pipe(num_images=4, seed=3))  # seeded
     assert not np.array_equal(a, pipe(num_images=4, seed=4))
     assert pipe(num_images=2, sampler="cold_naive", steps=10).shape == (2, 16, 16, 1)
+    guided = pipe(num_images=2, classes=[1, 2], guidance=3.0, seed=3)  # one 2B forward per step
+    assert guided.shape == (2, 16, 16, 1) and not np.array_equal(
+        guided, pipe(num_images=2, classes=[1, 2], seed=3)
+    )
 
 
 def test_restore_degrades_and_restores_pictures_side_by_side(
@@ -103,7 +98,8 @@ def test_restore_degrades_and_restores_pictures_side_by_side(
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.png" in err and "restored 3 images from level 6 of 10" in err
-    assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "digit0.png", "digit1.png", "digit2.png"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["comparison.png", "digit0.png", "digit1.png", "digit2.png"]
     assert Image.open(out / "digit0.png").size == (16, 16)
     comparison = Image.open(out / "comparison.png")
     assert comparison.size[0] > comparison.size[1] / 3 * 2  # three columns: clean | degraded | restored
@@ -119,21 +115,23 @@ def test_restore_degrades_and_restores_pictures_side_by_side(
 
 def test_bad_cold_input_is_one_line_exit_2(cold_run: Path, pictures: Path, tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "x")
+    train = ["train", "digits", "--out", out]
+    cold = [*train, "--process", "cold"]
+    restore = ["restore", str(cold_run)]
     cases = [
-        (["train", "digits", "--out", out, "--process", "cold", "--degradation", "smear"], "--degradation must be"),
-        (["train", "digits", "--out", out, "--process", "cold", "--prediction", "v"], "--prediction does not apply"),
-        (["train", "digits", "--out", out, "--blur-std", "0.2"], "--blur-std does not apply to --process gaussian"),
-        (["train", "digits", "--out", out, "--process", "cold", "--loss", "vlb"], "--loss of a cold process"),
-        (["train", "digits", "--out", out, "--process", "cold", "--timestep-sampler", "lognormal"], "lognormal"),
-        (["train", "digits", "--out", out, "--process", "cold", "--degradation", "decolorize", "--channels", "1"],
-         "decolorize needs RGB"),
-        (["train", "digits", "--out", out, "--process", "hot"], "--process must be one of gaussian, cold"),
+        ([*cold, "--degradation", "smear"], "--degradation must be"),
+        ([*cold, "--prediction", "v"], "--prediction does not apply"),
+        ([*train, "--blur-std", "0.2"], "--blur-std does not apply to --process gaussian"),
+        ([*cold, "--loss", "vlb"], "--loss of a cold process"),
+        ([*cold, "--timestep-sampler", "lognormal"], "lognormal"),
+        ([*cold, "--degradation", "decolorize", "--channels", "1"], "decolorize needs RGB"),
+        ([*train, "--process", "hot"], "--process must be one of gaussian, cold"),
         (["sample", str(cold_run), "--sampler", "ddim"], "sampler 'ddim' does not apply to a 'cold' process"),
-        (["restore", str(cold_run), str(pictures), "--from-t", "11", "--out", out], "--from-t must be"),
-        (["restore", str(cold_run), str(pictures), "--from-t", "0", "--out", out], "--from-t must be"),
-        (["restore", str(cold_run), str(tmp_path / "missing.png"), "--out", out], "no such file or folder"),
-        (["restore", str(cold_run), str(pictures / "broken.png"), "--out", out], "no readable image"),
-        (["restore", str(cold_run), str(pictures), "--sampler", "heun", "--out", out], "does not apply"),
+        ([*restore, str(pictures), "--from-t", "11", "--out", out], "--from-t must be"),
+        ([*restore, str(pictures), "--from-t", "0", "--out", out], "--from-t must be"),
+        ([*restore, str(tmp_path / "missing.png"), "--out", out], "no such file or folder"),
+        ([*restore, str(pictures / "broken.png"), "--out", out], "no readable image"),
+        ([*restore, str(pictures), "--sampler", "heun", "--out", out], "does not apply"),
     ]  # fmt: skip
     for argv, message in cases:
         assert message in _error(capsys, argv), argv

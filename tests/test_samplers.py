@@ -11,7 +11,6 @@ import torch
 from difforge.diffusion import GaussianDiffusion
 from difforge.errors import DifforgeError
 from difforge.sampling import (
-    SAMPLER_NAMES,
     DiscreteDenoiser,
     classifier_free_guidance,
     ddim,
@@ -27,11 +26,13 @@ from difforge.sampling import (
     sigmas_for_timesteps,
     uniform_timesteps,
 )
-from difforge.sampling.registry import RESTART_REPEATS, RESTART_STEPS
+from difforge.sampling.registry import RESTART_REPEATS, RESTART_STEPS, sampler_names
 from difforge.schedule import NoiseSchedule
 
 F64 = torch.float64
 SHAPE = (3, 2, 4, 4)
+
+GAUSSIAN_SAMPLERS = sampler_names("gaussian")
 
 
 def make(T=1000, name="linear", **kwargs) -> GaussianDiffusion:
@@ -80,7 +81,7 @@ def test_all_samplers_land_on_a_single_data_point():
     # edm's churned levels sigma_hat fall between the schedule's timesteps, which the quantized
     # denoiser rounds (up to 9e-5 off here): its churn is checked in test_stochastic_samplers.py
     churn = {"edm": {"s_churn": 0.0}}
-    for name in SAMPLER_NAMES:
+    for name in GAUSSIAN_SAMPLERS:
         for spacing in ("karras", "uniform", "logsnr"):
             settings = {**options, **churn.get(name, {})}
             out = sample(point_model, diffusion, noise, sampler=name, steps=7, spacing=spacing, **settings)
@@ -290,7 +291,7 @@ def test_stochastic_samplers_are_reproducible_with_a_generator(name, fake_model)
     assert not torch.allclose(run(1), run(2))
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", GAUSSIAN_SAMPLERS)
 def test_callback_once_per_step_with_shapes(name, fake_model):
     diffusion = make(1000, "linear")
     seen = []

@@ -33,7 +33,7 @@ from difforge.degradations import (
     parse_target,
 )
 from difforge.diffusion import dynamic_thresholding, mean_flat
-from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
+from difforge.errors import DifforgeError, check_number, kind_config_from_mapping
 from difforge.mixture import GaussianMixture, fit_gaussian_mixture
 from difforge.schedule import SCHEDULE_NAMES
 from difforge.timestep_sampling import UniformTimestepSampler, make_timestep_sampler
@@ -192,10 +192,7 @@ class ColdConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ColdConfig:
-        settings = dict(data) if isinstance(data, Mapping) else data
-        if isinstance(settings, dict) and settings.pop("kind", cls.kind) != cls.kind:
-            raise DifforgeError(f"process settings of kind {data['kind']!r} are not {cls.kind!r} settings")
-        return dataclass_from_mapping(cls, settings, "cold process setting(s)")
+        return kind_config_from_mapping(cls, data, "cold process setting(s)")
 
 
 class ColdProcess:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
+from difforge.errors import DifforgeError, check_number, kind_config_from_mapping
 from difforge.schedule import SCHEDULE_NAMES, NoiseSchedule, RespacingSpec
 from difforge.timestep_sampling import UniformTimestepSampler, make_timestep_sampler
 
@@ -228,10 +228,7 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiffusionConfig:
-        settings = dict(data) if isinstance(data, Mapping) else data
-        if isinstance(settings, dict) and settings.pop("kind", cls.kind) != cls.kind:
-            raise DifforgeError(f"diffusion settings of kind {data['kind']!r} are not {cls.kind!r} settings")
-        return dataclass_from_mapping(cls, settings, "diffusion setting(s)")
+        return kind_config_from_mapping(cls, data, "diffusion setting(s)")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

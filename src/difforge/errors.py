@@ -37,6 +37,16 @@ def dataclass_from_mapping(cls: type[T], data: Mapping[str, Any], what: str) -> 
         raise DifforgeError(f"{what}: {error}") from None
 
 
+def kind_config_from_mapping(cls: type[T], data: Mapping[str, Any], what: str) -> T:
+    """`dataclass_from_mapping` of a config saved as ``{"kind": KIND, **fields}`` (a process
+    kind's settings): the kind, when present, must be ``cls.kind``."""
+    settings = dict(data) if isinstance(data, Mapping) else data
+    expected = getattr(cls, "kind", None)
+    if isinstance(settings, dict) and settings.pop("kind", expected) != expected:
+        raise DifforgeError(f"{what} of kind {data['kind']!r} are not {expected!r} settings")
+    return dataclass_from_mapping(cls, settings, what)  # type: ignore[arg-type]
+
+
 def check_number(
     flag: str,
     value: object,

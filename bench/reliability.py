@@ -221,16 +221,18 @@ def work_fence() -> Iterator[None]:
             raise WorkFenced(why)
         return real_train(self, *args, **kwargs)
 
-    def sample(self: Any, num_images: int, conditions: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
+    def sample(
+        self: Any, process: Any, num_images: int, conditions: Any, config: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         _, height, width = self.image_shape
         if (
             num_images > LIGHT_LIMITS["sample_images"]
             or config.steps > LIGHT_LIMITS["sample_steps"]
             or height * width > LIGHT_LIMITS["pixels"]
-            or getattr(self.process, "num_timesteps", 0) > LIGHT_LIMITS["timesteps"]
+            or getattr(process, "num_timesteps", 0) > LIGHT_LIMITS["timesteps"]
         ):
             raise WorkFenced(f"sampling {num_images} images of {height}x{width} in {config.steps} steps")
-        return real_sample(self, num_images, conditions, config, *args, **kwargs)
+        return real_sample(self, process, num_images, conditions, config, *args, **kwargs)
 
     with (
         mock.patch.object(training, "prepare_run", prepare),

@@ -416,3 +416,60 @@ def test_psnr_and_ssim_match_scikit_image() -> None:
                 metrics.peak_signal_noise_ratio(b, a, data_range=2.0), abs=1e-10
             )
     assert float(ssim(clean, clean)[0]) == pytest.approx(1.0) and torch.isinf(psnr(clean, clean)).all()
+
+
+def test_every_degradation_on_arbitrary_shapes_and_levels() -> None:
+    """Property: for any image size, channel count, T and mix of levels, D is finite, keeps
+    the shape, is x0 at level 0 and stays in the convex hull of [-1, 1] images."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+    @hypothesis.given(
+        name=st.sampled_from([n for n in DEGRADATIONS if n != "noise"]),
+        size=st.integers(2, 20),
+        channels=st.sampled_from([1, 3]),
+        steps=st.integers(1, 30),
+        seed=st.integers(0, 2**16),
+    )
+    def check(name: str, size: int, channels: int, steps: int, seed: int) -> None:
+        if name == "decolorize" and channels == 1:
+            return
+        settings = {"blur_size": 5, "blur_padding": "reflect"} if seed % 2 else {}
+        process = ColdConfig(degradation=name, num_timesteps=steps, **settings).build()  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(seed)
+        x0 = torch.rand((3, channels, size, size), generator=generator) * 2 - 1
+        levels = torch.randint(0, steps + 1, (3,), generator=generator)
+        levels[0] = 0
+        out = process.degrade(x0, levels)
+        assert out.shape == x0.shape and bool(torch.isfinite(out).all())
+        assert torch.equal(out[0], x0[0])
+        assert float(out.abs().max()) <= 1 + 1e-5
+
+    check()
+
+
+def test_training_restores_x0_from_degraded_inputs_rounded_to_8_bits() -> None:
+    seen = []
+
+    def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append((x.clone(), t.clone()))
+        return torch.zeros_like(x)
+
+    x0 = images(dtype=torch.float32)
+    t = torch.tensor([0, 3, 7, T - 1])
+    for quantize in (True, False):
+        seen.clear()
+        process = config("blur", quantize=quantize).build()
+        terms = process.training_losses(spy, x0, t)
+        x_in, t_in = seen[0]
+        exact = process.degrade(x0, t + 1)
+        assert torch.equal(t_in, t)  # the network sees t; D applied t + 1 levels
+        levels = (x_in + 1) * 127.5
+        if quantize:
+            torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+            assert float((x_in - exact).abs().max()) <= 1 / 255 + 1e-6
+        else:
+            assert torch.equal(x_in, exact)
+        torch.testing.assert_close(terms["loss"], x0.abs().mean(dim=(1, 2, 3)))
+        assert set(terms) == {"loss", "l1"}

@@ -312,7 +312,7 @@ def test_callback_once_per_step_with_shapes(name, fake_model):
 def test_dispatcher_rejects_bad_arguments(fake_model):
     diffusion = make(100)
     noise = randn(*SHAPE)
-    with pytest.raises(ValueError, match="sampler must be one of ddpm, ddim, .*, edm, restart; got .plms."):
+    with pytest.raises(ValueError, match="sampler must be one of ddpm, ddim, .*, cold_naive; got .plms."):
         sample(fake_model(2), diffusion, noise, sampler="plms")
     with pytest.raises(DifforgeError, match=r"steps must be an integer in 1..100 for this model; got 101"):
         sample(fake_model(2), diffusion, noise, sampler="ddim", steps=101)

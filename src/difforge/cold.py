@@ -187,7 +187,7 @@ class ColdConfig:
 
     def describe(self) -> dict[str, Any]:
         """The settings that matter for this degradation (for ``difforge info``)."""
-        shown = ("degradation", "num_timesteps", "loss", *_RELEVANT[self.degradation])
+        shown = ("degradation", "num_timesteps", "loss", *_RELEVANT[self.degradation], "quantize")
         settings: dict[str, Any] = {name: getattr(self, name) for name in shown}
         if build_degradation(self.degradation_settings()).endpoint == "mean":
             settings["prior"] = (

@@ -53,8 +53,9 @@ from difforge.sampling.samplers import (
 )
 
 SAMPLER_NAMES: tuple[str, ...] = sampler_names()
-DEFAULT_STEPS: int = SampleConfig.steps
 """The built-in samplers (`sampler_names()` also lists those registered later)."""
+DEFAULT_STEPS: int = SampleConfig.steps
+"""`SampleConfig`'s default steps; `sample` cuts them to a shorter chain."""
 
 
 def sample(

@@ -473,3 +473,21 @@ def test_training_restores_x0_from_degraded_inputs_rounded_to_8_bits() -> None:
             assert torch.equal(x_in, exact)
         torch.testing.assert_close(terms["loss"], x0.abs().mean(dim=(1, 2, 3)))
         assert set(terms) == {"loss", "l1"}
+
+
+def test_algorithm_2_on_the_noise_degradation_is_ddim_with_eta_0() -> None:
+    """An independent reference: the Gaussian process's DDIM (eta = 0) with an x0-predicting
+    model on the same schedule walks the same path (level s <-> timestep s - 1)."""
+    from difforge.diffusion import DiffusionConfig
+    from difforge.sampling import ddim
+
+    process = config("noise").build()
+    gaussian = DiffusionConfig(schedule="cosine", num_timesteps=T, prediction="x0").build()
+
+    def restorer(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(0.7 * x + 0.05 * t.to(x.dtype).reshape(-1, 1, 1, 1))
+
+    x_t = torch.randn((3, 2, 6, 6), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ours = cold(restorer, process, x_t, cold_levels(T, T), clip_denoised=False)
+    reference = ddim(restorer, gaussian, x_t, list(range(T)), eta=0.0, clip_denoised=False)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-10)

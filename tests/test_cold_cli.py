@@ -133,6 +133,7 @@ def test_bad_cold_input_is_one_line_exit_2(cold_run: Path, pictures: Path, tmp_p
         ([*restore, str(tmp_path / "missing.png"), "--out", out], "no such file or folder"),
         ([*restore, str(pictures / "broken.png"), "--out", out], "no readable image"),
         ([*restore, str(pictures), "--sampler", "heun", "--out", out], "does not apply"),
+        (["eval", "nll", str(cold_run)], "nll needs a likelihood: a Gaussian run"),
     ]  # fmt: skip
     for argv, message in cases:
         assert message in _error(capsys, argv), argv

@@ -255,6 +255,8 @@ class Pipeline:
         view = process.up_to(top)
         config = (config or SampleConfig()).updated(**settings)
         config = config.updated(steps=min(config.steps, top)).validate(view.kind)
+        if config.guidance not in (None, 1.0) and not self.guidable:
+            raise DifforgeError("--guidance needs a model trained with condition dropout; this one has none")
         self._check_images(degraded)
         count = degraded.shape[0]
         generator = torch.Generator().manual_seed(config.seed)

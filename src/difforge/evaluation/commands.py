@@ -294,10 +294,11 @@ def run_nll(args: argparse.Namespace) -> int:
     """``eval nll``: bits/dim of data under a run's model."""
     from tqdm.auto import tqdm
 
-    from difforge.evaluation.reports import negative_log_likelihood
+    from difforge.evaluation.reports import check_has_likelihood, negative_log_likelihood
     from difforge.pipeline import Pipeline
 
     pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+    check_has_likelihood(pipe.process)
     data = args.data or pipe.run_config.data.source or pipe.run_config.train.data
     bar = None if args.quiet else tqdm(desc="nll", unit="step", file=sys.stderr)
 

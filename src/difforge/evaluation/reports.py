@@ -61,6 +61,15 @@ class NLLResult:
         )
 
 
+def check_has_likelihood(process: object) -> None:
+    """A one-line DifforgeError unless the process has a variational bound (Gaussian)."""
+    if not hasattr(process, "calc_bpd_loop"):
+        raise DifforgeError(
+            f"nll needs a likelihood: a Gaussian run (this run's process is "
+            f"{getattr(process, 'kind', '?')!r}, which has none)"
+        )
+
+
 def negative_log_likelihood(
     pipe: object,
     data: str,
@@ -79,6 +88,7 @@ def negative_log_likelihood(
     from difforge.data import load_dataset
 
     model, diffusion, config = pipe.model, pipe.diffusion, pipe.run_config  # type: ignore[attr-defined]
+    check_has_likelihood(diffusion)
     dataset = load_dataset(data, image_size=config.model.image_size, channels=config.model.in_channels)
     count = min(num_images, len(dataset))
     if count < 2:

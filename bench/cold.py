@@ -121,7 +121,7 @@ def restore_rows(
 
 
 def generation_rows(
-    cold_pipe: Pipeline, gauss_pipe: Pipeline, count: int, out: Path, seed: int
+    cold_pipe: Pipeline, gauss_pipe: Pipeline, count: int, out: Path, seed: int, prior_noises: list[float]
 ) -> list[dict[str, Any]]:
     extractor = InceptionFeatureExtractor()
     references = {
@@ -135,8 +135,13 @@ def generation_rows(
         ("cold", cold_pipe, {"steps": 50}),
         ("gaussian", gauss_pipe, {"steps": 20}),
     ]
+    if prior_noises:  # only the prior-noise sweep
+        settings = [("cold", cold_pipe, {"steps": 20, "prior_noise": noise}) for noise in prior_noises]
     rows = []
+    default_noise = cold_pipe.process.prior_noise  # type: ignore[attr-defined]
     for name, pipe, fields in settings:
+        fields = dict(fields)
+        cold_pipe.process.prior_noise = fields.pop("prior_noise", default_noise)  # type: ignore[attr-defined]
         start = time.perf_counter()
         images = pipe(count, seed=seed, **({"sampler": name} if name != "gaussian" else {}), **fields)
         seconds = time.perf_counter() - start
@@ -144,6 +149,8 @@ def generation_rows(
         label = (
             f"{name} run, {pipe.process.default_sampler if name == 'gaussian' else name}:{fields['steps']}"
         )
+        if name == "cold":
+            label += f", prior noise {cold_pipe.process.prior_noise:g}"  # type: ignore[attr-defined]
         row = {
             "setting": label,
             "fid_held_out": round(compare_stats(references["held_out"], stats).fid, 2),
@@ -152,7 +159,8 @@ def generation_rows(
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-        save_png(out / f"samples_{name}_{fields['steps']}.png", make_grid(images[:100], columns=10))
+        suffix = f"_noise{cold_pipe.process.prior_noise:g}" if prior_noises else ""  # type: ignore[attr-defined]
+        save_png(out / f"samples_{name}_{fields['steps']}{suffix}.png", make_grid(images[:100], columns=10))
     return rows
 
 
@@ -169,7 +177,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("bench-out/cold"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prior-noises",
+        default="",
+        help="instead: FID of cold:20 at each of these prior noises, e.g. 0,0.001",
+    )
     args = parser.parse_args()
+    prior_noises = [float(v) for v in args.prior_noises.split(",")] if args.prior_noises else []
 
     args.out.mkdir(parents=True, exist_ok=True)
     extra = ["--no-conditional"]
@@ -188,15 +202,20 @@ def main() -> None:
     clean = as_input(held[: args.held])
     levels = [int(k) for k in args.levels.split(",")]
     strengths = [float(s) for s in args.sdedit.split(",")]
-    restored = restore_rows(cold_pipe, gauss_pipe, clean, levels, strengths, args.out, args.seed)
+    restored = (
+        []
+        if prior_noises
+        else restore_rows(cold_pipe, gauss_pipe, clean, levels, strengths, args.out, args.seed)
+    )
     generated = (
-        generation_rows(cold_pipe, gauss_pipe, args.num_images, args.out, args.seed)
+        generation_rows(cold_pipe, gauss_pipe, args.num_images, args.out, args.seed, prior_noises)
         if args.num_images
         else []
     )
 
-    print(f"\n| method | {' | '.join(f'K={k} PSNR / SSIM' for k in levels)} |")
-    print(f"|---|{'---|' * len(levels)}")
+    if restored:
+        print(f"\n| method | {' | '.join(f'K={k} PSNR / SSIM' for k in levels)} |")
+        print(f"|---|{'---|' * len(levels)}")
     for method in dict.fromkeys(r["method"] for r in restored):
         cells = [next(r for r in restored if r["K"] == k and r["method"] == method) for k in levels]
         print(f"| {method} | " + " | ".join(f"{c['psnr']:.2f} / {c['ssim']:.3f}" for c in cells) + " |")

@@ -225,7 +225,7 @@ class Pipeline:
         return self.process
 
     def degrade(self, images: torch.Tensor, level: int, *, seed: int = 0) -> torch.Tensor:
-        """D(images, level): (N, C, H, W) in [-1, 1] -> the same shape, on the CPU (``seed``
+        """D(images, level): (N, C, H, W) in [-1, 1] -> the same shape and device (``seed``
         draws the noise of the ``noise`` degradation)."""
         process = self.restoring_process()
         check_number("--from-t", level, low=0, high=process.num_timesteps, integer=True)

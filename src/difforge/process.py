@@ -75,7 +75,7 @@ class ProcessConfig(Protocol):
 
     # Optional: ``fit_to_data(images, count) -> ProcessConfig``, settings learned from the
     # training images before training starts (the cold prior); ``images(i)`` is image i.
-    # Optional: ``flag_help`` (field -> ``difforge train`` help text) and ``flag_defaults``.
+    # Optional: ``flag_help`` (field -> ``difforge train`` help text of the fields with a flag).
 
 
 PROCESS_KINDS: dict[str, Any] = {DiffusionConfig.kind: DiffusionConfig, ColdConfig.kind: ColdConfig}

@@ -125,6 +125,12 @@ class ColdConfig:
 
     def validate(self) -> ColdConfig:
         """Raise a one-line DifforgeError for a bad setting; returns self."""
+        self.checked_degradation()
+        return self
+
+    def checked_degradation(self) -> Degradation:
+        """The degradation, after every setting is checked (the fill target even when this
+        degradation has none, the stored prior when there is one)."""
         if self.degradation not in DEGRADATIONS:
             raise DifforgeError(
                 f"--degradation must be one of {', '.join(DEGRADATIONS)}; got {self.degradation!r}"
@@ -136,25 +142,25 @@ class ColdConfig:
             )
         check_number("--blur-std", self.blur_std, low=0, low_open=True)
         check_number("--mask-std", self.mask_std, low=0, low_open=True)
-        check_number("--mask-start", self.mask_start, low=0)
+        check_number("--mask-start", self.mask_start, low=0, low_open=True)
         check_number("--prior-noise", self.prior_noise, low=0)
         check_number("--prior-components", self.prior_components, low=1, high=1000, integer=True)
         if self.noise_schedule not in SCHEDULE_NAMES:
             raise DifforgeError(
                 f"--noise-schedule must be one of {', '.join(SCHEDULE_NAMES)}; got {self.noise_schedule!r}"
             )
-        parse_target(self.target)  # checked even when this degradation has no fill
-        build_degradation(self.degradation_settings())  # the degradation's own checks
+        parse_target(self.target)
+        degradation = build_degradation(self.degradation_settings())  # its own checks
         if self.prior is not None:
             GaussianMixture.from_dict(self.prior, "the run's cold prior (config.json)")
-        return self
+        return degradation
 
     def build(self) -> ColdProcess:
         """The process; a bad setting is a one-line DifforgeError naming its flag."""
-        self.validate()
+        degradation = self.checked_degradation()
         prior = None if self.prior is None else GaussianMixture.from_dict(self.prior)
         return ColdProcess(
-            build_degradation(self.degradation_settings()),
+            degradation,
             loss=self.loss,
             prior=prior,
             prior_noise=self.prior_noise,

@@ -33,6 +33,7 @@ are constant colours, and generation samples that colour), ``black`` (-1), ``whi
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -112,7 +113,7 @@ def _levels(level: torch.Tensor, x: torch.Tensor, num_timesteps: int) -> torch.T
     """``level`` checked: (B,) integers in 0..T, on x's device."""
     if level.ndim != 1 or level.shape[0] != x.shape[0]:
         raise DifforgeError(f"level must be a ({x.shape[0]},) tensor, got shape {tuple(level.shape)}")
-    if level.dtype.is_floating_point or bool((level < 0).any()) or bool((level > num_timesteps).any()):
+    if level.dtype.is_floating_point or bool(((level < 0) | (level > num_timesteps)).any()):
         raise DifforgeError(f"levels must be integers in 0..{num_timesteps}")
     return level.to(device=x.device, dtype=torch.long)
 
@@ -122,7 +123,7 @@ def _per_image(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, 1, 1, 1)
 
 
-class Degradation:
+class Degradation(ABC):
     """D(x0, s) for s = 0 .. T (see the module docstring).
 
     Attributes:
@@ -161,8 +162,9 @@ class Degradation:
         """The noise z with D(x0_hat, level, z) = x_t (only for ``needs_noise``; else None)."""
         return None
 
+    @abstractmethod
     def _apply(self, x0: torch.Tensor, level: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """D(x0, level) of each image (level 0 is replaced by x0 afterwards)."""
 
     def _table(
         self, key: tuple[object, ...], build: Callable[[], np.ndarray], like: torch.Tensor
@@ -275,8 +277,8 @@ class Mask(Degradation):
         self, num_timesteps: int, *, mask_std: float, mask_start: float, target: str, discrete: bool
     ) -> None:
         super().__init__(num_timesteps)
-        if not mask_std > 0 or not mask_start >= 0:
-            raise DifforgeError("--mask-std must be > 0 and --mask-start >= 0")
+        if not mask_std > 0 or not mask_start > 0:
+            raise DifforgeError("--mask-std and --mask-start must be > 0")
         self.stds = mask_std * (np.arange(num_timesteps, dtype=np.float64) + mask_start)
         self.target = FillTarget(target)
         self.discrete = discrete
@@ -291,8 +293,7 @@ class Mask(Degradation):
         rows = np.arange(height, dtype=np.float64) - (height - 1) / 2
         cols = np.arange(width, dtype=np.float64) - (width - 1) / 2
         distance2 = rows[:, None] ** 2 + cols[None, :] ** 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            steps = 1.0 - np.exp(-distance2[None] / (2.0 * np.maximum(self.stds, 1e-300)[:, None, None] ** 2))
+        steps = 1.0 - np.exp(-distance2[None] / (2.0 * self.stds[:, None, None] ** 2))
         keep = np.concatenate([np.ones((1, height, width)), np.cumprod(steps, axis=0)])
         if self.discrete:
             keep[-1] = 0.0
@@ -355,28 +356,27 @@ class Pixelate(Degradation):
             )
         return chain
 
-    def operators(self, n: int) -> np.ndarray:
-        """(2, T + 1, n, n): the pixelation below and above each level's chain position."""
-        chain = self.chain(n)
-        steps = len(chain) - 1
-        position = np.arange(self.num_timesteps + 1) * steps / self.num_timesteps
-        below = np.minimum(np.floor(position).astype(np.int64), steps - 1)
-        matrices = np.stack([block_average(n, k) for k in chain])
-        return np.stack([matrices[below], matrices[below + 1]])
-
-    def weights(self, n: int) -> np.ndarray:
-        """(T + 1,) w: the share of the coarser pixelation at each level."""
+    def positions(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(T + 1,) j, the chain step below each level's position p = s J / T, and (T + 1,)
+        w = p - j, the share of the coarser pixelation k_{j+1}."""
         steps = len(self.chain(n)) - 1
         position = np.arange(self.num_timesteps + 1) * steps / self.num_timesteps
-        return position - np.minimum(np.floor(position), steps - 1)
+        below = np.minimum(np.floor(position).astype(np.int64), steps - 1)
+        return below, position - below
+
+    def operators(self, n: int) -> np.ndarray:
+        """(2, T + 1, n, n): the pixelation below and above each level's chain position."""
+        below, _ = self.positions(n)
+        matrices = np.stack([block_average(n, k) for k in self.chain(n)])
+        return np.stack([matrices[below], matrices[below + 1]])
 
     def _apply(self, x0: torch.Tensor, level: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         height, width = x0.shape[-2:]
+        if height != width and len(self.chain(height)) != len(self.chain(width)):
+            raise DifforgeError(f"pixelate needs the same block chain on both axes ({height} x {width} px)")
         rows = self._table(("rows", height), lambda: self.operators(height), x0)[:, level]
         cols = self._table(("cols", width), lambda: self.operators(width), x0)[:, level]
-        if len(self.chain(height)) != len(self.chain(width)):
-            raise DifforgeError(f"pixelate needs the same block chain on both axes ({height} x {width} px)")
-        share = _per_image(self._table(("w", height), lambda: self.weights(height), x0)[level])
+        share = _per_image(self._table(("w", height), lambda: self.positions(height)[1], x0)[level])
         fine = torch.einsum("bij,bcjk,blk->bcil", rows[0], x0, cols[0])
         coarse = torch.einsum("bij,bcjk,blk->bcil", rows[1], x0, cols[1])
         return (1 - share) * fine + share * coarse

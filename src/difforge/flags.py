@@ -17,6 +17,16 @@ def field_default(cls: type, name: str) -> Any:
     raise KeyError(name)
 
 
+def _value_type(default: Any, annotation: object) -> type:
+    """The argparse type of a field: its default's (int, float, str), else read from the
+    annotation (``float | None`` -> float)."""
+    kind = {"int": int, "float": float, "str": str}.get(type(default).__name__ if default is not None else "")
+    if kind is not None:
+        return kind
+    text = str(annotation)
+    return int if "int" in text else float if "float" in text else str
+
+
 def add_dataclass_flags(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
@@ -42,12 +52,7 @@ def add_dataclass_flags(
                 help=f"{helps[f.name]} (default: {'on' if default else 'off'})",
             )
             continue
-        kind = {"int": int, "float": float, "str": str}.get(
-            type(default).__name__ if default is not None else ""
-        )
-        if kind is None:
-            text = str(f.type)
-            kind = int if "int" in text else float if "float" in text else str
+        kind = _value_type(default, f.type)
         shown = "" if "default" in helps[f.name] else f" (default: {'off' if default is None else default})"
         parser.add_argument(
             flag, dest=dest, type=kind, default=default, metavar=f.name.upper(), help=helps[f.name] + shown
@@ -86,10 +91,8 @@ def add_alternative_flags(
                 flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
             )
             continue
-        kind = {"int": int, "float": float, "str": str}.get(type(first).__name__ if first is not None else "")
-        if kind is None:
-            annotation = str(next(f.type for f in fields(owned[0][1]) if f.name == field_name))  # type: ignore[arg-type]
-            kind = int if "int" in annotation else float if "float" in annotation else str
+        annotation = next(f.type for f in fields(owned[0][1]) if f.name == field_name)  # type: ignore[arg-type]
+        kind = _value_type(first, annotation)
         parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=field_name.upper(), help=text)
 
 

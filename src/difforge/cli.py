@@ -1,4 +1,5 @@
-"""The ``difforge`` command line: ``train``, ``sample``, ``restore``, ``info`` and ``eval``.
+"""The ``difforge`` command line: ``train``, ``sample``, ``restore``, ``upscale``, ``info`` and
+``eval``.
 
 Every user mistake ends in one line ``difforge: error: ...`` and exit status 2, never a
 traceback. Defaults come from the config dataclasses, never from here.
@@ -81,6 +82,16 @@ _TRAIN_HELP = {
     "or a fixed N (bit-exact resume needs a fixed N)",
     "init_from": "start from this run's (or checkpoint's) EMA weights, model and process: fine-tuning "
     "(default: a fresh model)",
+    "labels": "a label table (CSV or JSON: file -> label names) for multi-label conditioning; images "
+    "it does not list are left out and counted",
+    "cond_dir": "a folder of condition images paired with DATA's files by path without extension "
+    "(image-to-image); unpaired files are left out and listed",
+    "task": "generate, or superres: a super-resolution stage conditioned on each image area-downsampled "
+    "to --low-res",
+    "low_res": "input side of a superres stage (default: --image-size / 2; the factor must be 2-8)",
+    "cond_noise_max": "noise-conditioning augmentation: the image condition is noised at a level "
+    "s ~ U(0, this), s in [0, 1], and s is given to the model (default: 0.5 for superres, else off)",
+    "cond_blur": "also blur half the image conditions in training, Gaussian std ~ U(0, this) pixels",
 }
 
 
@@ -169,7 +180,7 @@ RESUME_CHANGEABLE = (
     "threads",
 )
 """The train settings a resumed run may change; the others would make it another run."""
-INHERITED_FROM_PARENT = ("preset", "image_size", "channels")
+INHERITED_FROM_PARENT = ("preset", "image_size", "channels", "task", "low_res")
 """Train settings that ``--init-from`` takes from the parent run (with its process)."""
 
 
@@ -325,8 +336,10 @@ def _run_train(args: argparse.Namespace) -> int:
             f"on {device}{f' x {ctx.world_size}' if ctx.world_size > 1 else ''}; run folder: {out}",
             file=sys.stderr,
         )
-        if dataset.skipped:
+        if dataset.skipped or dataset.excluded:
             print(dataset.summary(), file=sys.stderr)
+        for note in dataset.notes:
+            print(f"note: {note}", file=sys.stderr)
         if run_config.data.attribution:
             print(run_config.data.attribution, file=sys.stderr)
     try:
@@ -373,6 +386,25 @@ def _add_sample(subparsers: Any) -> None:
         dest="classes",
         action="append",
         help="class name or id, repeatable or comma-separated, cycled over the images (default: random)",
+    )
+    parser.add_argument(
+        "--labels",
+        dest="label_sets",
+        action="append",
+        help='label set of a multi-label run, e.g. "smiling,glasses"; repeat for several sets, cycled '
+        "(default: no labels)",
+    )
+    parser.add_argument(
+        "--cond",
+        help="condition image or folder of an image-conditioned run: -n samples per picture, written as "
+        "a grid of condition | samples",
+    )
+    parser.add_argument(
+        "--upsample",
+        action="append",
+        metavar="SR_RUN[:SETTINGS]",
+        help="a super-resolution stage after RUN (repeat for more), with its own sampling settings, e.g. "
+        "runs/sr:steps=50,sampler=ddim,cond_noise=0.1 (default: the sampling defaults)",
     )
     parser.add_argument(
         "--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights (default: ema)"
@@ -445,11 +477,13 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     _check_sample_outputs(args)
     sampling = sample_config_from_args(args)
+    if args.upsample:
+        return _run_cascade(args, sampling)
     pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+    if args.cond:
+        return _run_conditioned(args, pipe, sampling)
     _check_sample_memory(args, pipe.image_shape, sampling.steps)
-    classes = None
-    if args.classes:
-        classes = [part.strip() for item in args.classes for part in item.split(",") if part.strip()]
+    classes = _class_list(args.classes)
     frames: dict[int, list[torch.Tensor]] = {}
 
     def keep(batch: int, info: Any) -> None:
@@ -459,7 +493,11 @@ def _run_sample(args: argparse.Namespace) -> int:
     if pipe.num_classes and classes:
         columns = len(classes) if len(classes) <= 16 else None
     batches = pipe.batches(
-        args.num_images, classes=classes, config=sampling, callback=keep if args.gif else None
+        args.num_images,
+        classes=classes,
+        labels=args.label_sets,
+        config=sampling,
+        callback=keep if args.gif else None,
     )
     kept: list[np.ndarray] = []
     written: list[Path] = []
@@ -485,6 +523,193 @@ def _run_sample(args: argparse.Namespace) -> int:
         grids.append(make_grid(images, columns=columns))
         written.append(save_gif(args.gif, grids, fps=args.fps))
     print(f"wrote {count} images: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def _class_list(items: list[str] | None) -> list[str] | None:
+    """``--class`` values, repeatable or comma-separated, as one list (None when not given)."""
+    if not items:
+        return None
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def _write_images(folder: Path, names: list[str], images: Any) -> None:
+    """``NAME.png`` per image into ``folder``; a name met twice gets ``_`` appended."""
+    from difforge.images import save_png
+
+    seen: set[str] = set()
+    for name, image in zip(names, images, strict=True):
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        save_png(folder / f"{name}.png", image)
+
+
+def _read_pictures(paths: list[str], shape: tuple[int, int, int]) -> tuple[Any, list[Path], int]:
+    """Pictures (files or folders) read at (C, S, S) as training images are; skipped ones
+    reported on stderr. Returns ((N, C, S, S) in [-1, 1], the files, how many skipped)."""
+    from difforge.data import load_image_files
+
+    channels, size, _ = shape
+    images, files, skipped = load_image_files(paths, size, channels)
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return images, files, len(skipped)
+
+
+def _run_conditioned(args: argparse.Namespace, pipe: Any, sampling: Any) -> int:
+    """``sample RUN --cond PICTURES -n K``: K samples per condition picture."""
+    import numpy as np
+
+    from difforge.conditioning import ImageCondition, resize_images
+    from difforge.images import make_grid, save_image, to_uint8
+
+    if args.gif:
+        raise DifforgeError("--gif does not apply with --cond")
+    sampling.validate(pipe.process.kind)
+    pictures, files, skipped = _read_pictures([args.cond], pipe.condition_shape)
+    per_picture = args.num_images
+    conditions = pictures.repeat_interleave(per_picture, dim=0)
+    samples = pipe(
+        conditions.shape[0],
+        classes=_class_list(args.classes),
+        labels=args.label_sets,
+        cond={ImageCondition.key: conditions},
+        config=sampling,
+    )
+    written: list[Path] = []
+    if args.images_dir:
+        folder = Path(args.images_dir)
+        names = [f"{file.stem}_{k:03d}" for file in files for k in range(per_picture)]
+        _write_images(folder, names, samples)
+        written.append(folder)
+    if not args.no_grid:
+        shown = resize_images(pictures, pipe.image_shape[1])
+        if shown.shape[1] != pipe.image_shape[0]:  # a grey condition of colour images, or the reverse
+            shown = shown.mean(1, keepdim=True).expand(-1, pipe.image_shape[0], -1, -1)
+        grouped = samples.reshape(len(files), per_picture, *samples.shape[1:])
+        rows = np.concatenate([to_uint8(shown)[:, None], grouped], axis=1).reshape(-1, *samples.shape[1:])
+        out = Path(args.out) if args.out else pipe.run_dir / "samples" / f"cond_seed{sampling.seed}.png"
+        written.append(save_image(out, make_grid(rows, columns=per_picture + 1)))
+    print(
+        f"wrote {len(samples)} images ({per_picture} per condition, {len(files)} conditions"
+        f"{f', {skipped} skipped' if skipped else ''}): " + ", ".join(str(p) for p in written),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _stage_settings(spec: str) -> tuple[str, Any]:
+    """``RUN[:key=value,...]`` -> (RUN, its `SampleConfig`); a RUN folder whose name holds a
+    colon is taken whole."""
+    from difforge.sampling import SampleConfig
+    from difforge.sampling.config import parse_settings
+
+    if Path(spec).is_dir() or ":" not in spec:
+        return spec, SampleConfig()
+    run, _, text = spec.rpartition(":")
+    return run, parse_settings(text, f"--upsample {spec}")
+
+
+def _run_cascade(args: argparse.Namespace, sampling: Any) -> int:
+    """``sample BASE --upsample SR [--upsample SR2]``: the base run, then each stage."""
+    import numpy as np
+
+    from difforge.images import make_grid, save_image
+    from difforge.pipeline import Pipeline
+
+    if args.gif or args.cond:
+        raise DifforgeError(f"{'--gif' if args.gif else '--cond'} does not apply with --upsample")
+    stages = [_stage_settings(spec) for spec in args.upsample]
+    cascade = Pipeline.from_runs(
+        args.run, *[run for run, _ in stages], device=args.device, weights=args.weights
+    )
+    configs = [sampling] + [config.updated(seed=config.seed or sampling.seed) for _, config in stages]
+    for stage, config in zip([cascade.base, *cascade.stages], configs, strict=True):
+        config.validate(stage.process.kind)
+    _check_sample_memory(args, cascade.stages[-1].image_shape, sampling.steps)
+    outputs = cascade(
+        args.num_images, classes=_class_list(args.classes), labels=args.label_sets, configs=configs
+    )
+    final = outputs[-1]
+    written: list[Path] = []
+    if args.images_dir:
+        folder = Path(args.images_dir)
+        _write_images(folder, [f"{i:05d}" for i in range(len(final))], final)
+        written.append(folder)
+    if not args.no_grid:
+        default = cascade.base.run_dir / "samples" / f"cascade_seed{sampling.seed}.png"
+        out = Path(args.out) if args.out else default
+        written.append(save_image(out, make_grid(final)))
+        size = final.shape[1]  # every stage enlarged to the final size (nearest: its own pixels)
+        enlarged = [o.repeat(size // o.shape[1], axis=1).repeat(size // o.shape[2], axis=2) for o in outputs]
+        rows = np.stack(enlarged, axis=1).reshape(-1, *final.shape[1:])
+        stages_path = out.with_name(f"{out.stem}_stages{out.suffix}")
+        written.append(save_image(stages_path, make_grid(rows, columns=len(outputs) * 2)))
+    sizes = " -> ".join(f"{o.shape[1]}px" for o in outputs)
+    print(f"wrote {len(final)} images ({sizes}): " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+# ---- upscale --------------------------------------------------------------------------------
+
+
+def _add_upscale(subparsers: Any) -> None:
+    from difforge.sampling.config import add_sample_flags
+
+    parser = subparsers.add_parser(
+        "upscale",
+        help="super-resolve your own low-resolution pictures with a super-resolution run",
+        description="Each picture is area-averaged (or enlarged) to the run's input size and super-resolved "
+        "to its image size; NAME.png per picture and comparison.png (input | upscaled) go to --out.",
+    )
+    parser.add_argument("run", help="a super-resolution run folder (difforge train --task superres)")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="folder for the upscaled images and comparison.png")
+    add_sample_flags(parser)
+    parser.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        help="class name or id of the pictures for a class-conditional stage, cycled (default: its null "
+        "label)",
+    )
+    parser.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights (default: ema)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    parser.set_defaults(func=_run_upscale)
+
+
+def _run_upscale(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from difforge.conditioning import resize_images
+    from difforge.images import check_output_folder, make_grid, save_png, to_uint8
+    from difforge.pipeline import Pipeline
+    from difforge.sampling.config import sample_config_from_args
+
+    out = Path(args.out)
+    if out.is_file():
+        raise DifforgeError(f"--out {out}: is a file, not a folder")
+    check_output_folder(out, "--out")
+    sampling = sample_config_from_args(args)
+    pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+    pipe.check_superres()
+    sampling.validate(pipe.process.kind)
+    pictures, files, skipped = _read_pictures(args.images, pipe.condition_shape)
+    upscaled = pipe.upscale(pictures, classes=_class_list(args.classes), config=sampling)
+    _write_images(out, [file.stem for file in files], upscaled)
+    size = pipe.image_shape[1]
+    enlarged = to_uint8(resize_images(pictures, size))
+    pairs = np.stack([enlarged, upscaled], axis=1).reshape(-1, *upscaled.shape[1:])
+    comparison = save_png(out / "comparison.png", make_grid(pairs, columns=2))
+    low = pipe.condition_shape[1]
+    print(
+        f"upscaled {len(files)} pictures {low}px -> {size}px{f' ({skipped} skipped)' if skipped else ''}: "
+        f"{out}/, {comparison} (input, enlarged bilinearly | upscaled)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -528,7 +753,6 @@ def _add_restore(subparsers: Any) -> None:
 def _run_restore(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from difforge.data import load_image_files
     from difforge.images import check_output_folder, make_grid, save_png, to_uint8
     from difforge.pipeline import Pipeline
     from difforge.sampling.config import sample_config_from_args
@@ -543,29 +767,17 @@ def _run_restore(args: argparse.Namespace) -> int:
     level = process.num_timesteps if args.from_t is None else args.from_t
     check_number("--from-t", level, low=1, high=process.num_timesteps, integer=True)
     sampling.validate(process.kind)  # before any picture is read
-    channels, size, _ = pipe.image_shape
-    images, files, skipped = load_image_files(args.images, size, channels)
-    for name, reason in skipped:
-        print(f"skipped {name}: {reason}", file=sys.stderr)
-    classes = None
-    if args.classes:
-        classes = [part.strip() for item in args.classes for part in item.split(",") if part.strip()]
+    images, files, skipped = _read_pictures(args.images, pipe.image_shape)
     degraded = pipe.degrade(images, level, seed=sampling.seed) if args.degrade else images
-    restored = pipe.restore(degraded, from_t=level, classes=classes, config=sampling)
-    names: set[str] = set()
-    for file, image in zip(files, restored, strict=True):
-        name = file.stem
-        while name in names:  # the same stem in two folders
-            name += "_"
-        names.add(name)
-        save_png(out / f"{name}.png", image)
+    restored = pipe.restore(degraded, from_t=level, classes=_class_list(args.classes), config=sampling)
+    _write_images(out, [file.stem for file in files], restored)
     columns = [to_uint8(images)] + ([to_uint8(degraded)] if args.degrade else []) + [restored]
     rows = np.stack(columns, axis=1).reshape(-1, *restored.shape[1:])
     comparison = save_png(out / "comparison.png", make_grid(rows, columns=len(columns)))
     shown = "clean | degraded | restored" if args.degrade else "input | restored"
     print(
         f"restored {len(files)} images from level {level} of {process.num_timesteps}"
-        f"{f' ({len(skipped)} skipped)' if skipped else ''}: {out}/, {comparison} ({shown})",
+        f"{f' ({skipped} skipped)' if skipped else ''}: {out}/, {comparison} ({shown})",
         file=sys.stderr,
     )
     return 0
@@ -648,6 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_sample(subparsers)
     _add_restore(subparsers)
+    _add_upscale(subparsers)
     _add_info(subparsers)
     from difforge.evaluation.commands import add_eval_parser
 

@@ -18,13 +18,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from difforge.conditioning import ClassLabel
+from difforge.conditioning import ClassLabel, ImageCondition, resize_images
 from difforge.data.builtin import BUILTIN_DATASETS, load_builtin
 from difforge.data.io import (
     ImageMode,
@@ -78,6 +79,14 @@ class _Preprocess:
         return arr
 
 
+def low_res_condition(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The super-resolution condition of a (C, S, S) target in [-1, 1]: its area average
+    down to (C, size, size) (exact block means when S / size is whole), rounded to the
+    8-bit levels a stored picture or a base model's sample has."""
+    small = resize_images(image[None], size)[0]
+    return torch.round((small + 1) * 127.5) / 127.5 - 1
+
+
 def _hash(payload: dict[str, object]) -> str:
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -94,9 +103,14 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
 
     Build it with `load_dataset`. ``dataset[i]`` returns ``(image, cond)``: ``image`` float32
     of shape (channels, image_size, image_size) with 0 -> -1 and 255 -> 1, ``cond`` the dict
-    of `difforge.conditioning`, here ``{"class_labels": label}`` with ``label`` an int64 0-d
-    tensor (the class id, or -1 when the dataset is unlabelled). Random crops and flips
-    draw from torch's global RNG. Holds no open file: pickles for DataLoader workers.
+    of `difforge.conditioning`: ``"class_labels"`` an int64 0-d tensor (the class id, or -1
+    when the dataset is unlabelled), or with a label table (`with_label_table`) a float32
+    (L,) multi-hot vector; ``"image_cond"`` when the dataset has paired conditions
+    (`with_paired_conditions`: the condition image, cropped and flipped with its target)
+    or a ``low_res`` size (super-resolution: the target area-downsampled to low_res x
+    low_res and rounded to 8 bits, as a base model's samples are), float32 (C', h, w) in
+    [-1, 1]. Random crops and flips draw from torch's global RNG. Holds no open file:
+    pickles for DataLoader workers.
 
     Attributes:
         source: the folder (absolute path) or the built-in name.
@@ -113,6 +127,13 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         cached: whether decoded pixels are held in memory.
         runtime_failures: files (in this process) that failed in ``__getitem__`` and were
             replaced by another sample.
+        multi_label: ``class_names`` are the labels of a multi-hot table.
+        paired: the condition images, item i the condition of target i (or None).
+        low_res: the side of the super-resolution condition (0 = none).
+        excluded: (path, reason) of each readable image left out because it has no entry in
+            the label table or no paired condition.
+        notes: one line per such exclusion and per unused table entry or condition file,
+            for the training report.
     """
 
     def __init__(
@@ -128,6 +149,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         files: list[str],
         skipped: list[tuple[str, str]],
         attribution: str = "",
+        paired: ImageDataset | None = None,
+        low_res: int = 0,
+        excluded: list[tuple[str, str]] | None = None,
+        notes: list[str] | None = None,
     ) -> None:
         if pixels is None and not files:
             raise ValueError("an ImageDataset needs either pixels or files")
@@ -144,7 +169,12 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         self.skipped = list(skipped)
         self.attribution = attribution
         self.runtime_failures = 0
-        self._labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self.multi_label = labels.ndim == 2
+        self._labels = np.ascontiguousarray(labels, dtype=np.float32 if self.multi_label else np.int64)
+        self.paired = paired
+        self.low_res = low_res
+        self.excluded = list(excluded or [])
+        self.notes = list(notes or [])
         self._pixels = pixels
         self._files = files
         self._failed: set[int] = set()
@@ -165,7 +195,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
 
     @property
     def labels(self) -> np.ndarray:
-        """int64 (N,) class id of every item (-1 when unlabelled); read-only view."""
+        """int64 (N,) class id of every item (-1 when unlabelled), or float32 (N, L) multi-hot
+        with a label table; read-only view."""
         view = self._labels.view()
         view.setflags(write=False)
         return view
@@ -188,19 +219,38 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
             raise IndexError(f"index {index} out of range for a dataset of {n} images")
         if self._pixels is not None:
             arr = self._pixels[index]
+            partner = None if self.paired is None else self.paired._pixels_at(index)
         else:
-            index, arr = self._load(index)
+            index, arr, partner = self._load(index)
         size = self.image_size
         if self.random_crop:
             top, left = random_crop_offsets(arr.shape[0], arr.shape[1], size)
             arr = arr[top : top + size, left : left + size]
         image = to_model_range(arr)
-        if self.hflip and bool(torch.rand(()) < 0.5):
+        flip = self.hflip and bool(torch.rand(()) < 0.5)
+        if flip:
             image = image.flip(-1)
-        return image, {ClassLabel.key: torch.tensor(int(self._labels[index]), dtype=torch.int64)}
+        cond = {ClassLabel.key: self._label(index)}
+        if partner is not None:
+            condition = to_model_range(partner)
+            cond[ImageCondition.key] = condition.flip(-1) if flip else condition
+        elif self.low_res:
+            cond[ImageCondition.key] = low_res_condition(image, self.low_res)
+        return image, cond
 
-    def _load(self, index: int) -> tuple[int, np.ndarray]:
-        """Decode item ``index`` from disk, or the next readable one if it fails now."""
+    def _label(self, index: int) -> torch.Tensor:
+        if self.multi_label:
+            return torch.from_numpy(self._labels[index].copy())
+        return torch.tensor(int(self._labels[index]), dtype=torch.int64)
+
+    def _pixels_at(self, index: int) -> np.ndarray:
+        """The cached pixels of item ``index`` (a paired dataset is cached with its targets)."""
+        assert self._pixels is not None
+        return self._pixels[index]
+
+    def _load(self, index: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """Decode item ``index`` (and its paired condition) from disk, or the next readable
+        pair if either fails now."""
         n = len(self._files)
         for step in range(n):
             j = (index + step) % n
@@ -208,7 +258,13 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
                 continue
             try:
                 img = open_image(self._files[j], self._pre.mode, draft_size=self.image_size)
-                return j, self._pre.prepare(img)
+                partner = None
+                if self.paired is not None:
+                    paired = self.paired
+                    partner = paired._pre.prepare(
+                        open_image(paired._files[j], paired._pre.mode, draft_size=paired.image_size)
+                    )
+                return j, self._pre.prepare(img), partner
             except UnreadableImageError as exc:
                 self._failed.add(j)
                 self.runtime_failures += 1
@@ -223,9 +279,16 @@ class ImageDataset(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         if self.num_classes:
             names = ", ".join(self.class_names[:10])
             more = ", ..." if self.num_classes > 10 else ""
-            parts.append(f"{self.num_classes} classes ({names}{more})")
+            what = "labels" if self.multi_label else "classes"
+            parts.append(f"{self.num_classes} {what} ({names}{more})")
         else:
             parts.append("unlabelled")
+        if self.paired is not None:
+            parts.append(f"paired with {self.paired.channels}-channel conditions from {self.paired.source!r}")
+        if self.low_res:
+            parts.append(f"super-resolution from {self.low_res}x{self.low_res}")
+        if self.excluded:
+            parts.append(f"{len(self.excluded)} images left out: {_format_skipped(self.excluded)}")
         if self.cached:
             parts.append(f"cached in memory ({self.cache_bytes / 2**20:.1f} MiB)")
         if self.skipped:
@@ -411,6 +474,9 @@ def load_dataset(
     random_crop: bool = False,
     hflip: bool = False,
     cache: bool | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    cond_dir: str | os.PathLike[str] | None = None,
+    low_res: int = 0,
 ) -> ImageDataset:
     """Open a folder of images or a built-in dataset (`BUILTIN_DATASETS`) for training.
 
@@ -428,6 +494,11 @@ def load_dataset(
         hflip: mirror each item left-right with probability 1/2.
         cache: keep decoded, resized uint8 pixels in memory. None: when they take less than
             `CACHE_LIMIT_BYTES`. Built-ins are always in memory.
+        labels: a label table (`difforge.data.pairing.read_label_table`): multi-hot labels
+            for the files it lists; the others are left out (`with_label_table`).
+        cond_dir: a folder of condition images paired with the targets by name
+            (`with_paired_conditions`).
+        low_res: > 0: super-resolution conditions at this size (`with_low_res`).
 
     Raises `DifforgeError` with a one-line message for a missing folder, a path that is not
     a folder, an unknown name, a folder without a readable image, bad settings, or a
@@ -437,7 +508,7 @@ def load_dataset(
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.exists():
-        return _from_folder(
+        dataset = _from_folder(
             path.resolve(),
             image_size=image_size,
             channels=channels,
@@ -446,10 +517,26 @@ def load_dataset(
             hflip=hflip,
             cache=cache,
         )
-    if text in BUILTIN_DATASETS:
-        return _from_builtin(
+    elif text in BUILTIN_DATASETS:
+        dataset = _from_builtin(
             text, image_size=image_size, channels=channels, random_crop=random_crop, hflip=hflip
         )
+    else:
+        _unknown_source(text)
+    if labels is None and cond_dir is None and not low_res:
+        return dataset
+    from difforge.data import pairing  # it builds on this module
+
+    if labels is not None:
+        dataset = pairing.with_label_table(dataset, labels)
+    if cond_dir is not None:
+        dataset = pairing.with_paired_conditions(dataset, cond_dir, cache=cache)
+    if low_res:
+        dataset = pairing.with_low_res(dataset, low_res)
+    return dataset
+
+
+def _unknown_source(text: str) -> NoReturn:
     valid = ", ".join(BUILTIN_DATASETS)
     if os.sep in text or "/" in text or text.startswith((".", "~")):
         raise DifforgeError(f"data folder {text!r} does not exist")

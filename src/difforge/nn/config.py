@@ -72,6 +72,10 @@ class UNetConfig:
             is the null condition.
         image_cond_channels: Channels of an image condition, resized to ``image_size`` and
             concatenated to the input (super-resolution, image-to-image); 0 = none.
+        cond_noise_embed: The model also takes ``cond_noise_level`` (B,) in [0, 1], the
+            noise-conditioning augmentation level of its image condition (Ho et al. 2021,
+            "Cascaded Diffusion Models" section 3.2), embedded like t and added to the
+            timestep embedding. Needs ``image_cond_channels`` > 0.
         zero_init: Zero-initialise the last layer of every residual branch and the output
             convolution (ADM), so a fresh network is the identity on its skip paths.
         gradient_checkpointing: Recompute block activations in the backward pass (saves
@@ -105,6 +109,7 @@ class UNetConfig:
     num_classes: int = 0
     multi_label: bool = False
     image_cond_channels: int = 0
+    cond_noise_embed: bool = False
     zero_init: bool = True
     gradient_checkpointing: bool = False
     channels_last: bool = True
@@ -180,6 +185,8 @@ class UNetConfig:
             )
         if self.multi_label and self.num_classes == 0:
             raise DifforgeError("UNetConfig.multi_label needs num_classes > 0")
+        if self.cond_noise_embed and self.image_cond_channels == 0:
+            raise DifforgeError("UNetConfig.cond_noise_embed needs image_cond_channels > 0")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise DifforgeError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.norm_eps <= 0:

@@ -62,7 +62,7 @@ class UNet(nn.Module):
     Args:
         config: the architecture; validated here (bad fields raise `DifforgeError`).
 
-    Call ``model(x, t, class_labels=None, image_cond=None)``:
+    Call ``model(x, t, class_labels=None, image_cond=None, cond_noise_level=None)``:
 
     - ``x``: (B, in_channels, H, W) float noisy images in about [-1, 1], H = W = image_size;
     - ``t``: (B,) integer or float timesteps (a 0-d tensor is broadcast over the batch);
@@ -70,6 +70,8 @@ class UNet(nn.Module):
       label; with ``multi_label`` a float multi-hot (B, num_classes), all-zero = null. ``None``
       on a class-conditional model means "null label for everyone".
     - ``image_cond``: (B, image_cond_channels, h, w), resized to H x W and concatenated to x.
+    - ``cond_noise_level``: (B,) float in [0, 1], the augmentation noise level of
+      ``image_cond`` (``cond_noise_embed`` models; None = 0, a clean condition).
 
     Returns (B, final_out_channels, H, W): ``out_channels`` (default ``in_channels``), doubled
     when ``learn_sigma`` (first half: the prediction, second half: variance interpolation).
@@ -93,6 +95,12 @@ class UNet(nn.Module):
                 self.class_embed = nn.Linear(cfg.num_classes, emb_dim, bias=False)
             else:
                 self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim)
+
+        self.cond_noise_mlp: nn.Module | None = None
+        if cfg.cond_noise_embed:
+            self.cond_noise_mlp = nn.Sequential(
+                SinusoidalEmbedding(ch), nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            )
 
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.image_cond_channels, ch, 3, padding=1)
 
@@ -145,11 +153,22 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     # ------------------------------------------------------------------ forward
-    def _embed(self, t: Tensor, class_labels: Tensor | None, batch: int) -> tuple[Tensor, Tensor | None]:
-        """Timestep (+ class) embedding: returns (SiLU(emb), class embedding or None), (B, E)."""
+    def _embed(
+        self, t: Tensor, class_labels: Tensor | None, cond_noise_level: Tensor | None, batch: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Timestep (+ class, + condition noise level) embedding: returns (SiLU(emb), class
+        embedding or None), (B, E)."""
         if t.ndim == 0:
             t = t.expand(batch)
         emb = self.time_mlp(self.time_embed(t).to(self.time_mlp[0].weight.dtype))
+        if self.cond_noise_mlp is not None:
+            level = cond_noise_level if cond_noise_level is not None else emb.new_zeros((batch,))
+            if level.ndim == 0:
+                level = level.expand(batch)
+            # Scaled by 1000 so the sinusoid's frequencies see the range t covers.
+            emb = emb + self.cond_noise_mlp(level.float() * 1000.0).to(emb.dtype)
+        elif cond_noise_level is not None:
+            raise DifforgeError("cond_noise_level given to a UNet without cond_noise_embed")
         cls_emb = None
         if self.class_embed is not None:
             if class_labels is None:
@@ -177,11 +196,12 @@ class UNet(nn.Module):
         t: Tensor,
         class_labels: Tensor | None = None,
         image_cond: Tensor | None = None,
+        cond_noise_level: Tensor | None = None,
     ) -> Tensor:
         """Predict from noisy ``x`` at timesteps ``t``; see the class docstring for shapes."""
         cfg = self.config
         batch, _, height, width = x.shape
-        emb, cls_emb = self._embed(t, class_labels, batch)
+        emb, cls_emb = self._embed(t, class_labels, cond_noise_level, batch)
 
         if cfg.image_cond_channels:
             if image_cond is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from difforge import __version__
-from difforge.conditioning import ClassLabel, ImageCondition
+from difforge.conditioning import ClassLabel, ConditionContext, ImageCondition
 from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
 from difforge.process import ProcessConfig, process_config_from_dict
 from difforge.runs.models import model_config_from_dict, model_config_to_dict
@@ -25,6 +25,12 @@ from difforge.sampling.config import MAX_SEED
 from difforge.timestep_sampling import TIMESTEP_SAMPLERS
 
 CONFIG_FILE = "config.json"
+DEFAULT_IMAGE_SIZE = 32
+"""The training resolution when none is given."""
+TASKS = ("generate", "superres")
+SUPERRES_COND_NOISE_MAX = 0.5
+"""The default training range of a super-resolution stage's noise augmentation, s ~ U(0, 0.5)."""
+MAX_COND_BLUR = 4.0
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 MAX_IMAGE_SIZE = 2048
@@ -80,6 +86,19 @@ class TrainConfig:
             cores busy: `difforge.runs.threads.ThreadGovernor`) or a fixed count ("4").
             Bit-exact resume needs a fixed count: another count rounds some gradient
             reductions differently.
+        labels: a label table (CSV or JSON, file -> label names,
+            `difforge.data.pairing.read_label_table`): multi-label conditioning on a folder.
+        cond_dir: a folder of condition images paired with the data's files by name
+            (image-to-image); the condition is concatenated to the model input.
+        task: ``generate``, or ``superres``: a super-resolution stage whose condition is
+            each image area-downsampled to ``low_res``.
+        low_res: the side of the super-resolution input; None = image_size / 2. The ratio
+            image_size / low_res must be in [2, 8].
+        cond_noise_max: noise-conditioning augmentation of the image condition (CDM): in
+            training it is noised at a level s ~ U(0, cond_noise_max), s in [0, 1], and s
+            is given to the model; None = 0.5 for superres, 0 (off) otherwise.
+        cond_blur: also blur half of the image conditions in training by a Gaussian of std
+            ~ U(0, cond_blur) pixels (0 = off).
     """
 
     data: str = "mnist"
@@ -116,6 +135,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     init_from: str | None = None
     threads: str = "auto"
+    labels: str | None = None
+    cond_dir: str | None = None
+    task: str = "generate"
+    low_res: int | None = None
+    cond_noise_max: float | None = None
+    cond_blur: float = 0.0
 
     def validate(self) -> TrainConfig:
         """Raise a one-line DifforgeError naming the flag of a bad setting; returns self.
@@ -165,11 +190,56 @@ class TrainConfig:
             check_number("--image-size", self.image_size, low=4, high=MAX_IMAGE_SIZE, integer=True)
         if self.channels not in (None, 1, 3):
             raise DifforgeError(f"--channels must be 1 or 3, got {self.channels}")
+        self._validate_conditions()
         if self.preview_sampler is not None and self.preview_sampler not in sampler_names():
             raise DifforgeError(
                 f"--preview-sampler must be one of {', '.join(sampler_names())}; got {self.preview_sampler!r}"
             )
         return self
+
+    def _validate_conditions(self) -> None:
+        if self.task not in TASKS:
+            raise DifforgeError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        superres = self.task == "superres"
+        if self.low_res is not None and not superres:
+            raise DifforgeError("--low-res is the input of a super-resolution stage: add --task superres")
+        if superres and self.cond_dir is not None:
+            raise DifforgeError(
+                "--cond-dir does not apply to --task superres (it makes its input from each image)"
+            )
+        if self.labels is not None and self.class_folders:
+            raise DifforgeError("--labels and --class-folders both give labels: choose one")
+        if self.labels is not None and not self.conditional:
+            raise DifforgeError("--labels with --no-conditional: the labels would not be used")
+        if self.cond_noise_max is not None:
+            check_number("--cond-noise-max", self.cond_noise_max, low=0, high=1)
+        check_number("--cond-blur", self.cond_blur, low=0, high=MAX_COND_BLUR)
+        if not self.has_image_condition and (self.cond_noise_max or self.cond_blur):
+            flag = "--cond-noise-max" if self.cond_noise_max else "--cond-blur"
+            raise DifforgeError(f"{flag} augments an image condition: it needs --task superres or --cond-dir")
+        if superres:
+            size = self.image_size or DEFAULT_IMAGE_SIZE
+            low = self.low_res_size()
+            check_number("--low-res", low, low=2, high=MAX_IMAGE_SIZE, integer=True)
+            if not 2 <= size / low <= 8:
+                raise DifforgeError(
+                    f"--low-res {low} with --image-size {size}: the factor {size / low:g} must be in [2, 8]"
+                )
+
+    @property
+    def has_image_condition(self) -> bool:
+        """Whether the model takes an image condition (super-resolution or paired images)."""
+        return self.task == "superres" or self.cond_dir is not None
+
+    def low_res_size(self) -> int:
+        """The super-resolution input side: ``low_res``, or half the image size."""
+        return self.low_res if self.low_res is not None else (self.image_size or DEFAULT_IMAGE_SIZE) // 2
+
+    def condition_noise_max(self) -> float:
+        """``cond_noise_max``, or its default: 0.5 for superres, else 0."""
+        if self.cond_noise_max is not None:
+            return float(self.cond_noise_max)
+        return SUPERRES_COND_NOISE_MAX if self.task == "superres" else 0.0
 
     def preview_sampling(self) -> SampleConfig:
         """The sampling settings of the previews: the preview sampler and steps, the run's seed."""
@@ -178,7 +248,11 @@ class TrainConfig:
 
 @dataclass
 class DataInfo:
-    """What the model was trained on (for sampling by class name and for provenance)."""
+    """What the model was trained on (for sampling by class name and for provenance).
+
+    ``class_names``: the classes, or the labels of a multi-label run; ``excluded``: readable
+    images left out (not in the label table, or without a paired condition);
+    ``cond_source``: the folder of paired condition images."""
 
     source: str = ""
     class_names: list[str] = field(default_factory=list)
@@ -186,14 +260,16 @@ class DataInfo:
     num_images: int = 0
     skipped: int = 0
     attribution: str = ""
+    excluded: int = 0
+    cond_source: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.class_names, list) or not all(isinstance(n, str) for n in self.class_names):
             raise DifforgeError("'data' class_names must be a list of strings")
-        for name in ("source", "fingerprint", "attribution"):
+        for name in ("source", "fingerprint", "attribution", "cond_source"):
             if not isinstance(getattr(self, name), str):
                 raise DifforgeError(f"'data' {name} must be a string")
-        for name in ("num_images", "skipped"):
+        for name in ("num_images", "skipped", "excluded"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise DifforgeError(f"'data' {name} must be a count, got {value!r}")
@@ -202,7 +278,7 @@ class DataInfo:
 def conditioning_of(model: Any) -> list[str]:
     """The condition kinds a model config takes (for config files that do not list them)."""
     kinds = []
-    if getattr(model, "num_classes", 0) and not getattr(model, "multi_label", False):
+    if getattr(model, "num_classes", 0):
         kinds.append(ClassLabel.key)
     if getattr(model, "image_cond_channels", 0):
         kinds.append(ImageCondition.key)
@@ -286,3 +362,18 @@ class RunConfig:
         if not isinstance(data, dict):
             raise DifforgeError(f"{path} is damaged (not a JSON object)")
         return cls.from_dict(data, str(path))
+
+
+def condition_context(run: RunConfig) -> ConditionContext:
+    """What the run's condition kinds need to know (`difforge.conditioning.build_conditions`):
+    the classes or labels, the image condition's size and channels, its augmentation."""
+    model, train = run.model, run.train
+    size = train.low_res_size() if train.task == "superres" else 0  # 0: the model resizes it
+    return ConditionContext(
+        num_classes=int(getattr(model, "num_classes", 0)),
+        multi_label=bool(getattr(model, "multi_label", False)),
+        image_size=size,
+        image_channels=int(getattr(model, "image_cond_channels", 0)),
+        cond_noise_max=train.condition_noise_max(),
+        cond_blur=float(train.cond_blur),
+    )

@@ -30,6 +30,12 @@ wrong digits (0.3% against 1.1%), so 2 it is. (With 0.1's deterministic sampler 
 improving up to 3: the stochastic sampler needs less guidance.)"""
 
 
+COND_NOISE_DEFAULT = 0.1
+"""The noise-augmentation level s of a super-resolution stage's input when none is given
+(`difforge.conditioning.NoiseAugmentation`); measured by ``bench/cascade.py``
+(docs/benchmarks.md "Cascaded super-resolution")."""
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """How images are drawn from a trained model.
@@ -50,6 +56,9 @@ class SampleConfig:
             (`SamplerEntry.options`); setting one the sampler does not take is an error.
         guidance: classifier-free guidance scale w (1 = off, 0 = unconditional); None =
             `GUIDED_DEFAULT` for a model trained with condition dropout, 1 otherwise.
+        cond_noise: the noise-augmentation level s in [0, 1] at which the image condition of
+            a model trained with noise-conditioning augmentation (a super-resolution stage)
+            is noised and embedded; None = `COND_NOISE_DEFAULT`. Other models refuse it.
         spacing: noise levels of the ODE samplers: uniform (in t), logsnr or karras.
         clip: clamp each predicted x0 to [-1, 1].
         dynamic_threshold: Imagen's dynamic thresholding percentile in (0, 1] (replaces the
@@ -66,6 +75,7 @@ class SampleConfig:
     s_tmax: float | None = None
     s_noise: float | None = None
     guidance: float | None = None
+    cond_noise: float | None = None
     spacing: str = "karras"
     clip: bool = True
     dynamic_threshold: float | None = None
@@ -86,6 +96,8 @@ class SampleConfig:
             self.sampler_options(SAMPLERS[self.sampler])
         if self.guidance is not None:
             check_number("--guidance", self.guidance, low=0)
+        if self.cond_noise is not None:
+            check_number("--cond-noise", self.cond_noise, low=0, high=1)
         check_number("--seed", self.seed, low=0, high=MAX_SEED, integer=True)
         if self.spacing not in SPACINGS:
             raise DifforgeError(f"--spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
@@ -121,6 +133,19 @@ class SampleConfig:
         if self.guidance is not None:
             return self.guidance
         return GUIDED_DEFAULT if guidable else 1.0
+
+    def cond_noise_for(self, augmented: bool) -> float | None:
+        """The condition's noise level: this config's or `COND_NOISE_DEFAULT` for a model
+        trained with noise-conditioning augmentation (``augmented``); None for another
+        model, which a given ``cond_noise`` does not apply to (a one-line error)."""
+        if not augmented:
+            if self.cond_noise is not None:
+                raise DifforgeError(
+                    "--cond-noise applies only to a model trained with noise-conditioning "
+                    "augmentation (a super-resolution stage)"
+                )
+            return None
+        return COND_NOISE_DEFAULT if self.cond_noise is None else float(self.cond_noise)
 
     def updated(self, **changes: Any) -> SampleConfig:
         """A copy with the given fields changed; ``None`` values are left as they are."""
@@ -174,6 +199,8 @@ FLAG_HELP = {
     "s_noise": "scale of the fresh noise (default: {s_noise})",
     "guidance": "classifier-free guidance scale w; 1 = off (default: {guided} for a model trained "
     "with label dropout, else 1)",
+    "cond_noise": "noise level s in [0, 1] of a super-resolution stage's input, as in its training "
+    "augmentation (default: {cond_noise})",
     "spacing": "noise levels of the ODE samplers: uniform, logsnr or karras",
     "clip": "clamp each predicted x0 to [-1, 1]",
     "dynamic_threshold": "Imagen's dynamic thresholding at this percentile, e.g. 0.995 (default: off)",
@@ -194,10 +221,42 @@ def add_sample_flags(
         helps["sampler"] = helps["sampler"].format(choices=", ".join(sampler_names()))
     if "guidance" in helps:
         helps["guidance"] = helps["guidance"].format(guided=f"{GUIDED_DEFAULT:g}")
+    if "cond_noise" in helps:
+        helps["cond_noise"] = helps["cond_noise"].format(cond_noise=f"{COND_NOISE_DEFAULT:g}")
     for name in SAMPLER_OPTIONS:
         if name in helps:
             helps[name] = helps[name].format(**{name: _option_defaults(name)})
     add_dataclass_flags(parser, SampleConfig, helps, _DEST)
+
+
+def parse_settings(text: str, where: str) -> SampleConfig:
+    """``"steps=50,sampler=ddim,guidance=1"`` -> that `SampleConfig` (other fields at their
+    defaults; ``clip=false`` for booleans); an unknown name or a bad value is a one-line
+    DifforgeError naming ``where``."""
+    types = {f.name: f.type for f in fields(SampleConfig)}
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not equals or name not in types:
+            known = ", ".join(types)
+            raise DifforgeError(f"{where}: {item!r} is not NAME=VALUE with NAME one of {known}")
+        kind = str(types[name])
+        raw = raw.strip()
+        try:
+            if "bool" in kind:
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                values[name] = raw.lower() in ("true", "1", "yes")
+            elif "int" in kind:
+                values[name] = int(raw)
+            elif "float" in kind:
+                values[name] = float(raw)
+            else:
+                values[name] = raw
+        except ValueError:
+            raise DifforgeError(f"{where}: {name}={raw!r} is not a valid value") from None
+    return SampleConfig(**values).validate()
 
 
 def sample_config_from_args(args: argparse.Namespace) -> SampleConfig:

@@ -12,13 +12,11 @@ from difforge.data import ImageDataset, load_dataset
 from difforge.errors import DifforgeError
 from difforge.nn import UNetConfig
 from difforge.process import Process, ProcessConfig
-from difforge.runs.config import DataInfo, RunConfig, TrainConfig, conditioning_of
+from difforge.runs.config import DEFAULT_IMAGE_SIZE, DataInfo, RunConfig, TrainConfig, conditioning_of
 from difforge.runs.models import build_model, load_model
 from difforge.runs.storage import resolve_run_path
 from difforge.training.batches import DistributedContext
 from difforge.training.trainer import Trainer, default_steps
-
-DEFAULT_IMAGE_SIZE = 32
 
 
 def prepare_run(
@@ -42,7 +40,9 @@ def prepare_run(
             preset=parent.train.preset,
             image_size=parent.model.image_size,
             channels=parent.model.in_channels,
-        )
+            task=parent.train.task,
+            low_res=parent.train.low_res,
+        ).validate()
     built = process.build()  # validates the process settings before any data is read
     dataset = load_dataset(
         train.data,
@@ -51,6 +51,9 @@ def prepare_run(
         class_folders=train.class_folders,
         random_crop=train.random_crop,
         hflip=train.hflip,
+        labels=train.labels,
+        cond_dir=train.cond_dir,
+        low_res=train.low_res_size() if train.task == "superres" else 0,
     )
     train = replace(train, image_size=dataset.image_size, channels=dataset.channels)
     fit_to_data = getattr(process, "fit_to_data", None)
@@ -58,27 +61,25 @@ def prepare_run(
         with torch.random.fork_rng(devices=[]):  # augmentations must not move the run's RNG
             process = fit_to_data(lambda index: dataset[index][0], len(dataset))
         built = process.build()
-    num_classes = dataset.num_classes if train.conditional else 0
-    if parent is not None and num_classes != parent.model.num_classes:
-        raise DifforgeError(
-            f"--init-from {train.init_from}: the parent model has {parent.model.num_classes} classes and "
-            f"this data {num_classes} (pass --no-conditional for unlabelled data, or use data with the "
-            "parent's classes)"
-        )
+    conditioning = _conditioning_settings(train, dataset)
+    if parent is not None:
+        _check_parent_conditioning(train.init_from or "", parent, conditioning)
     overrides = {
         "image_size": dataset.image_size,
         "in_channels": dataset.channels,
-        "num_classes": num_classes,
+        **conditioning,
         **process.model_settings(),
         **(model_overrides or {}),
     }
     model_config = UNetConfig.preset(train.preset, **overrides)
     data_info = DataInfo(
         source=dataset.source,
-        class_names=list(dataset.class_names) if num_classes else [],
+        class_names=list(dataset.class_names) if conditioning["num_classes"] else [],
         fingerprint=dataset.fingerprint,
         num_images=len(dataset),
         skipped=len(dataset.skipped),
+        excluded=len(dataset.excluded),
+        cond_source=dataset.paired.source if dataset.paired is not None else "",
         attribution=getattr(dataset, "attribution", "") or "",
     )
     run_config = RunConfig(
@@ -89,6 +90,41 @@ def prepare_run(
     if parent is not None:
         model.load_state_dict(load_model(train.init_from, parent, "ema").state_dict())  # type: ignore[arg-type]
     return model, built, dataset, run_config
+
+
+def _conditioning_settings(train: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
+    """The model settings the data's conditions need: classes or labels, the image
+    condition's channels, the embedding of its augmentation level."""
+    image_channels = 0
+    if dataset.paired is not None:
+        image_channels = dataset.paired.channels
+    elif dataset.low_res:
+        image_channels = dataset.channels
+    num_classes = dataset.num_classes if train.conditional else 0
+    return {
+        "num_classes": num_classes,
+        "multi_label": dataset.multi_label and num_classes > 0,
+        "image_cond_channels": image_channels,
+        "cond_noise_embed": image_channels > 0 and train.condition_noise_max() > 0,
+    }
+
+
+def _check_parent_conditioning(init_from: str, parent: RunConfig, conditioning: dict[str, Any]) -> None:
+    """The data must give the conditions the parent model was built for."""
+    what = {
+        "num_classes": "classes or labels",
+        "multi_label": "multi-label conditioning",
+        "image_cond_channels": "image-condition channels",
+        "cond_noise_embed": "noise-augmentation embedding (--cond-noise-max > 0)",
+    }
+    for name, value in conditioning.items():
+        theirs = getattr(parent.model, name, None)
+        if theirs != value:
+            raise DifforgeError(
+                f"--init-from {init_from}: the parent model has {theirs} {what[name]} and this data "
+                f"{value} (pass --no-conditional for unlabelled data, or use data with the parent's "
+                "conditions)"
+            )
 
 
 def _parent_run(path: str) -> RunConfig:

@@ -1,8 +1,9 @@
 """Previews during training: a sample grid and a denoising strip, made by a callback the
 trainer calls every ``sample_every`` steps (and at the end).
 
-The grid has one column per class for class-conditional runs; other conditions (an
-image, say) are taken from the first items of the dataset. A process that cannot generate
+The grid has one column per class for class-conditional runs; other conditions (multi-hot
+labels, an image) are taken from the first items of the dataset, and a run with an image
+condition shows condition | sample | data image side by side. A process that cannot generate
 from nothing (a cold run whose fully degraded image still depends on the picture) restores
 the first dataset images from their fully degraded versions instead; the strip then shows
 the degradation walked back. Sampling uses the run's
@@ -15,10 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from difforge.conditioning import ClassLabel, null_conditions, prepare_conditions
+from difforge.conditioning import (
+    ClassLabel,
+    ImageCondition,
+    null_conditions,
+    prepare_conditions,
+    resize_images,
+)
 from difforge.images import make_grid, save_png, to_uint8
 from difforge.sampling import StepInfo, generate
 
@@ -40,18 +48,27 @@ def preview_items(trainer: Trainer, count: int) -> tuple[torch.Tensor, dict[str,
     return default_collate(items)  # type: ignore[no-any-return]
 
 
+def _one_per_class(trainer: Trainer) -> int:
+    """Classes of a single-label run (its grid has a column per class), else 0."""
+    labels = trainer.conditions.get(ClassLabel.key)
+    return labels.num_classes if isinstance(labels, ClassLabel) else 0
+
+
 def preview_conditions(trainer: Trainer, count: int) -> dict[str, torch.Tensor]:
-    """The cond dict of a preview grid of ``count`` images (on the trainer's device)."""
+    """The cond dict of a preview grid of ``count`` images (on the trainer's device): class
+    labels cycled, every other condition (multi-hot labels, images) from the first dataset
+    items, an augmented image condition at the sampling level (`SampleConfig.cond_noise`)."""
     conditions = trainer.conditions
+    num_classes = _one_per_class(trainer)
     raw: dict[str, torch.Tensor] = {}
-    others = [key for key in conditions if key != ClassLabel.key]
+    others = [key for key in conditions if key != ClassLabel.key or not num_classes]
     if others:
         collated = preview_items(trainer, count)[1]
         raw.update({key: collated[key] for key in others})
-    if ClassLabel.key in conditions:
-        num_classes = conditions[ClassLabel.key].num_classes  # type: ignore[attr-defined]
+    if num_classes:
         raw[ClassLabel.key] = torch.arange(count) % num_classes
-    return prepare_conditions(raw, conditions, device=trainer.device)
+    level = trainer.config.preview_sampling().cond_noise_for(True)
+    return prepare_conditions(raw, conditions, device=trainer.device, cond_noise=level)
 
 
 @torch.no_grad()
@@ -62,9 +79,7 @@ def write_preview(trainer: Trainer) -> Path | None:
     config = trainer.config
     count = config.preview_images
     conditions = trainer.conditions
-    columns = None
-    if ClassLabel.key in conditions:
-        columns = min(conditions[ClassLabel.key].num_classes, count)  # type: ignore[attr-defined]
+    columns = min(_one_per_class(trainer), count) or None
     frames: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def keep(info: StepInfo) -> None:
@@ -91,7 +106,15 @@ def write_preview(trainer: Trainer) -> Path | None:
         device=trainer.device,
         start=start,
     )
-    grid = make_grid(to_uint8(samples), columns=columns)
+    shown = to_uint8(samples)
+    if ImageCondition.key in conditions:  # condition | sample | data, two triples a row
+        items = preview_items(trainer, count)
+        condition = resize_images(items[1][ImageCondition.key].float(), size)
+        if condition.shape[1] != channels:  # a grey condition of colour images, or the reverse
+            condition = condition.mean(1, keepdim=True).expand(-1, channels, -1, -1)
+        triples = np.stack([to_uint8(condition), shown, to_uint8(items[0])], axis=1)
+        shown, columns = triples.reshape(-1, *shown.shape[1:]), 6
+    grid = make_grid(shown, columns=columns)
     folder = trainer.run_dir / "samples"
     path = save_png(folder / f"step_{trainer.step:08d}.png", grid)
     save_png(folder / "latest.png", grid)

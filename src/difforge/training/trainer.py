@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from difforge.conditioning import ConditionContext, build_conditions, prepare_conditions
+from difforge.conditioning import build_conditions, prepare_conditions
 from difforge.errors import DifforgeError
 from difforge.process import Process
-from difforge.runs.config import CONFIG_FILE, RunConfig, TrainConfig
+from difforge.runs.config import CONFIG_FILE, RunConfig, TrainConfig, condition_context
 from difforge.runs.storage import (
     checkpoint_dirs,
     intact_checkpoints,
@@ -145,7 +145,7 @@ class Trainer:
         self.dataset = dataset
         self.conditions = build_conditions(
             run_config.conditioning or [],
-            ConditionContext(num_classes=getattr(run_config.model, "num_classes", 0)),
+            condition_context(run_config),
         )
         self.image_shape = (
             run_config.model.in_channels,

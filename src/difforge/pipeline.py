@@ -177,6 +177,8 @@ class Pipeline:
             known = ", ".join(self.conditions) or "none"
             raise DifforgeError(f"this model takes no {', '.join(unknown)} condition (it takes: {known})")
         multi_hot = self.multi_hot(labels, num_images)
+        if multi_hot is not None and classes not in (None, "random"):
+            raise DifforgeError("--class: this model was trained with a label table: use --labels")
         if ClassLabel.key not in given:
             chosen = multi_hot if multi_hot is not None else self.class_labels(classes, num_images, generator)
             if chosen is not None:

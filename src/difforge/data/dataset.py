@@ -83,8 +83,9 @@ def low_res_condition(image: torch.Tensor, size: int) -> torch.Tensor:
     """The super-resolution condition of a (C, S, S) target in [-1, 1]: its area average
     down to (C, size, size) (exact block means when S / size is whole), rounded to the
     8-bit levels a stored picture or a base model's sample has."""
-    small = resize_images(image[None], size)[0]
-    return torch.round((small + 1) * 127.5) / 127.5 - 1
+    levels = torch.round((image + 1) * 127.5)  # the target's own 8-bit levels, exactly
+    small = resize_images(levels[None], size)[0]  # sums of whole numbers: ties are exact
+    return torch.round(small) / 127.5 - 1
 
 
 def _hash(payload: dict[str, object]) -> str:

@@ -267,7 +267,9 @@ def test_fine_tuning_needs_the_parents_conditions(
         ],
     )
     assert "the parent model has 10 classes or labels" in line
-    assert main(["train", "digits", "--init-from", str(runs["sr"]), "--out", str(tmp_path / "y"), *CHILD]) == 0
+    assert (
+        main(["train", "digits", "--init-from", str(runs["sr"]), "--out", str(tmp_path / "y"), *CHILD]) == 0
+    )
     assert RunConfig.load(tmp_path / "y").train.task == "superres"  # inherited with the model
 
 
@@ -278,3 +280,19 @@ def test_resume_keeps_the_conditioning(
         capsys, ["train", "--resume", "--out", str(runs["labels"]), "--labels", str(folder / "x.csv")]
     )
     assert "--labels cannot change when resuming" in line
+
+
+def test_eval_fid_of_a_cascade_scores_every_stage_at_its_resolution(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "fid", str(runs["base"]), "digits[:12]", "--upsample", f"{runs['sr']}:steps=1",
+            "-n", "4", "--steps", "1", "--json", "--quiet", "--no-cache"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["stage"], row["resolution"], row["count_a"], row["count_b"]) for row in rows] == [
+        (0, 8, 4, 12),
+        (1, 16, 4, 12),
+    ]
+    assert all(row["fid"] > 0 for row in rows) and rows[1]["source_b"].endswith("at 16x16")
+    line = _error(capsys, ["eval", "fid", str(runs["base"]), "digits", "--upsample", str(runs["sr"])])
+    assert "needs -n" in line

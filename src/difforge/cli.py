@@ -599,34 +599,22 @@ def _run_conditioned(args: argparse.Namespace, pipe: Any, sampling: Any) -> int:
     return 0
 
 
-def _stage_settings(spec: str) -> tuple[str, Any]:
-    """``RUN[:key=value,...]`` -> (RUN, its `SampleConfig`); a RUN folder whose name holds a
-    colon is taken whole."""
-    from difforge.sampling import SampleConfig
-    from difforge.sampling.config import parse_settings
-
-    if Path(spec).is_dir() or ":" not in spec:
-        return spec, SampleConfig()
-    run, _, text = spec.rpartition(":")
-    return run, parse_settings(text, f"--upsample {spec}")
-
-
 def _run_cascade(args: argparse.Namespace, sampling: Any) -> int:
     """``sample BASE --upsample SR [--upsample SR2]``: the base run, then each stage."""
     import numpy as np
 
     from difforge.images import make_grid, save_image
     from difforge.pipeline import Pipeline
+    from difforge.sampling.config import parse_stage
 
     if args.gif or args.cond:
         raise DifforgeError(f"{'--gif' if args.gif else '--cond'} does not apply with --upsample")
-    stages = [_stage_settings(spec) for spec in args.upsample]
+    stages = [parse_stage(spec, sampling) for spec in args.upsample]
     cascade = Pipeline.from_runs(
         args.run, *[run for run, _ in stages], device=args.device, weights=args.weights
     )
-    configs = [sampling] + [config.updated(seed=config.seed or sampling.seed) for _, config in stages]
-    for stage, config in zip([cascade.base, *cascade.stages], configs, strict=True):
-        config.validate(stage.process.kind)
+    configs = [sampling] + [config for _, config in stages]
+    cascade.check(configs)
     _check_sample_memory(args, cascade.stages[-1].image_shape, sampling.steps)
     outputs = cascade(
         args.num_images, classes=_class_list(args.classes), labels=args.label_sets, configs=configs

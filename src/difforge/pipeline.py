@@ -453,6 +453,20 @@ class Cascade:
         self.base = base
         self.stages = list(stages)
 
+    def check(self, configs: Sequence[SampleConfig | None] = ()) -> list[SampleConfig]:
+        """One validated `SampleConfig` per stage, base first (missing or None = the
+        defaults); a one-line DifforgeError for too many or a bad one."""
+        pipes = [self.base, *self.stages]
+        if len(configs) > len(pipes):
+            raise DifforgeError(f"{len(configs)} sampling configs for {len(pipes)} stages")
+        settings = list(configs) + [None] * (len(pipes) - len(configs))
+        checked = []
+        for pipe, config in zip(pipes, settings, strict=True):
+            config = (config or SampleConfig()).validate(pipe.process.kind)
+            config.cond_noise_for(pipe.augmented)
+            checked.append(config)
+        return checked
+
     def __call__(
         self,
         num_images: int = 16,
@@ -463,11 +477,9 @@ class Cascade:
     ) -> list[np.ndarray]:
         """The images of every stage, base first: a list of (N, H_i, W_i, C) uint8.
         ``configs``: one `SampleConfig` per stage, base first (missing or None = the
-        defaults)."""
-        settings = list(configs) + [None] * (len(self.stages) + 1 - len(configs))
-        if len(settings) > len(self.stages) + 1:
-            raise DifforgeError(f"{len(settings)} sampling configs for {len(self.stages) + 1} stages")
-        base_config = (settings[0] or SampleConfig()).validate(self.base.process.kind)
+        defaults), checked before the first image is sampled."""
+        settings = self.check(configs)
+        base_config = settings[0]
         generator = torch.Generator().manual_seed(base_config.seed)
         class_labels = self.base.class_labels(classes, num_images, generator)
         given = {} if class_labels is None else {ClassLabel.key: class_labels}

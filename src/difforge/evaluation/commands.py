@@ -120,6 +120,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "--precision-recall", action="store_true", help="also compute k-NN precision and recall (k=3)"
     )
     fid.add_argument("--json", action="store_true", help="print the result as JSON")
+    fid.add_argument(
+        "--upsample",
+        action="append",
+        metavar="SR_RUN[:SETTINGS]",
+        help="A is a cascade: the run A, then these super-resolution stages (as for difforge sample); "
+        "FID of every stage against B at that stage's resolution",
+    )
     _add_common(fid)
     fid.set_defaults(func=run_fid)
 
@@ -270,6 +277,8 @@ def compare_stats(
 
 def run_fid(args: argparse.Namespace) -> int:
     """``eval fid``: FID between ``args.a`` and ``args.b`` printed (text or JSON)."""
+    if args.upsample:
+        return run_cascade_fid(args)
     sampling = _sampling(args)
     items = [open_input(spec, args.num_images, sampling) for spec in (args.a, args.b)]
     if all(isinstance(i, FeatureStats) for i in items):
@@ -287,6 +296,43 @@ def run_fid(args: argparse.Namespace) -> int:
             "between runs with the same numbers of images",
             file=sys.stderr,
         )
+    return 0
+
+
+def run_cascade_fid(args: argparse.Namespace) -> int:
+    """``eval fid BASE REF --upsample SR ...``: ``-n`` cascade samples, and the FID of each
+    stage's images against REF's images resized to that stage's resolution."""
+    from difforge.evaluation.sources import array_source, resized_source
+    from difforge.pipeline import Pipeline
+    from difforge.sampling.config import parse_stage
+
+    sampling = _sampling(args)
+    stages = [parse_stage(spec, sampling) for spec in args.upsample]
+    if args.num_images is None:
+        raise DifforgeError("eval fid of a cascade needs -n/--num-images: how many images to sample")
+    reference = open_input(args.b, None)
+    if isinstance(reference, FeatureStats):
+        raise DifforgeError(
+            f"{args.b!r}: a cascade is compared at each stage's resolution, so B must be images "
+            "(a folder or a built-in), not a statistics file"
+        )
+    device = "cpu" if args.device == "cpu" else "auto"
+    cascade = Pipeline.from_runs(args.a, *[run for run, _ in stages], device=device)
+    outputs = cascade(args.num_images, configs=[sampling, *[config for _, config in stages]])
+    extractor = _LazyExtractor(args)
+    rows = []
+    names = [str(args.a), *[run for run, _ in stages]]
+    for number, (name, images) in enumerate(zip(names, outputs, strict=True)):
+        size = images.shape[1]
+        samples = _to_stats(array_source(images, f"stage {number} ({name})"), args, extractor)
+        result = compare_stats(samples, _to_stats(resized_source(reference, size), args, extractor))
+        rows.append({"stage": number, "run": name, "resolution": size, **asdict(result)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"stage {row['stage']} ({row['run']}, {row['resolution']} px): FID {row['fid']:.4f}")
+        print(f"reference: {rows[-1]['source_b']}")
     return 0
 
 

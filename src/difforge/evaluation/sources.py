@@ -106,6 +106,34 @@ def array_source(images: np.ndarray, description: str, fingerprint: str | None =
     )
 
 
+def resized_source(source: ImageSource, size: int) -> ImageSource:
+    """``source``'s images centre-cropped to squares and resized to ``size`` x ``size``
+    (area averaging when shrinking, bilinear when enlarging: `difforge.conditioning.
+    resize_images`), to compare with samples at that resolution."""
+    import torch
+
+    from difforge.conditioning import resize_images
+
+    def load(start: int, stop: int) -> list[np.ndarray]:
+        resized = []
+        for image in source.load(start, stop):
+            side = min(image.shape[:2])
+            top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+            square = torch.from_numpy(np.ascontiguousarray(image[top : top + side, left : left + side]))
+            small = resize_images(square.permute(2, 0, 1)[None].double(), size)[0]
+            resized.append(small.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+        return resized
+
+    return ImageSource(
+        description=f"{source.description} at {size}x{size}",
+        fingerprint=f"{source.fingerprint}:resized{size}",
+        count=source.count,
+        load=load,
+        cacheable=source.cacheable,
+        skipped=source.skipped,
+    )
+
+
 def folder_source(root: str | os.PathLike[str], num_images: int | None = None) -> ImageSource:
     """All images under ``root`` (sorted), or the first ``num_images``; unreadable ones skipped."""
     from difforge.data.io import UnreadableImageError, decode_image, list_image_files

@@ -229,10 +229,23 @@ def add_sample_flags(
     add_dataclass_flags(parser, SampleConfig, helps, _DEST)
 
 
-def parse_settings(text: str, where: str) -> SampleConfig:
-    """``"steps=50,sampler=ddim,guidance=1"`` -> that `SampleConfig` (other fields at their
-    defaults; ``clip=false`` for booleans); an unknown name or a bad value is a one-line
-    DifforgeError naming ``where``."""
+def parse_stage(spec: str, base: SampleConfig) -> tuple[str, SampleConfig]:
+    """A cascade stage ``RUN[:NAME=VALUE,...]`` -> (RUN, its sampling settings): the defaults
+    with ``base``'s seed and batch size, then the settings given (`parse_settings`). A RUN
+    folder whose name holds a colon is taken whole."""
+    from pathlib import Path
+
+    run, text = spec, ""
+    if ":" in spec and not Path(spec).is_dir():
+        run, _, text = spec.rpartition(":")
+    start = SampleConfig(seed=base.seed, batch_size=base.batch_size)
+    return run, parse_settings(text, f"--upsample {spec}", start)
+
+
+def parse_settings(text: str, where: str, start: SampleConfig | None = None) -> SampleConfig:
+    """``"steps=50,sampler=ddim,guidance=1"`` -> ``start`` (default `SampleConfig()`) with
+    those fields set (``clip=false`` for booleans); an unknown name or a bad value is a
+    one-line DifforgeError naming ``where``."""
     types = {f.name: f.type for f in fields(SampleConfig)}
     values: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -256,7 +269,7 @@ def parse_settings(text: str, where: str) -> SampleConfig:
                 values[name] = raw
         except ValueError:
             raise DifforgeError(f"{where}: {name}={raw!r} is not a valid value") from None
-    return SampleConfig(**values).validate()
+    return replace(start or SampleConfig(), **values).validate()
 
 
 def sample_config_from_args(args: argparse.Namespace) -> SampleConfig:

@@ -818,6 +818,19 @@ def _run_info(args: argparse.Namespace) -> int:
     classes = ", ".join(config.data.class_names) if config.data.class_names else "none"
     print(f"classes:    {classes}")
     print(f"conditions: {', '.join(config.conditioning or []) or 'none'}")
+    train = config.train
+    if train.labels:
+        print(f"labels:     multi-label table {train.labels} ({len(config.data.class_names)} labels)")
+    if train.cond_dir:
+        print(f"paired:     condition pictures from {config.data.cond_source or train.cond_dir}")
+    if train.task == "superres":
+        noise = train.condition_noise_max()
+        augmented = f"noise augmentation s ~ U(0, {noise:g})" if noise else "no noise augmentation"
+        blur = f", blur std up to {train.cond_blur:g} px" if train.cond_blur else ""
+        sizes = f"{train.low_res_size()} px -> {model.image_size} px"
+        print(f"task:       super-resolution {sizes}, {augmented}{blur}")
+    if config.data.excluded:
+        print(f"left out:   {config.data.excluded} pictures (no label entry or no condition picture)")
     print(
         f"model:      {config.train.preset} {_model_name(config)}, "
         f"{model.image_size}x{model.image_size}x{model.in_channels}"

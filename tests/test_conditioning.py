@@ -287,3 +287,50 @@ def test_dropout_nulls_exactly_the_kind_drawn() -> None:
     generator = torch.Generator().manual_seed(0)
     draws = torch.rand(400, generator=generator) < 0.3, torch.rand(400, generator=generator) < 0.3
     assert torch.equal(label_dropped, draws[0]) and torch.equal(image_dropped, draws[1])
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAME = (
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_-0123456789 ", min_size=1, max_size=8)
+    .map(str.strip)
+    .filter(bool)
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    table=st.dictionaries(
+        _NAME.map(lambda name: f"{name}.png"),
+        st.lists(_NAME, max_size=4, unique=True),
+        min_size=1,
+        max_size=8,
+    ),
+    form=st.sampled_from(["names_csv", "attributes_csv", "json"]),
+)
+def test_every_table_form_reads_back_what_was_written(
+    tmp_path_factory: pytest.TempPathFactory, table: dict[str, list[str]], form: str
+) -> None:
+    import csv
+
+    folder = tmp_path_factory.mktemp("tables")
+    vocabulary = sorted({label for labels in table.values() for label in labels})
+    path = folder / ("t.json" if form == "json" else "t.csv")
+    if form == "json":
+        path.write_text(json.dumps(table))
+    else:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            if form == "names_csv":
+                writer.writerow(["file", "labels"])
+                writer.writerows([name, ";".join(labels)] for name, labels in table.items())
+            else:
+                writer.writerow(["file", *vocabulary] if vocabulary else ["file", "labels"])
+                writer.writerows(
+                    [name, *("1" if v in labels else "0" for v in vocabulary)]
+                    for name, labels in table.items()
+                )
+    read = read_label_table(path)
+    assert {name: sorted(labels) for name, labels in read.items()} == {k: sorted(v) for k, v in table.items()}

@@ -239,6 +239,10 @@ def test_cascade_and_upscale_mistakes_are_one_line(
         (["digits", "--task", "superres", "--cond-dir", "x"], "does not apply to --task superres"),
         (["digits", "--labels", "t.csv", "--class-folders"], "choose one"),
         (["digits", "--labels", "t.csv"], "must be a folder"),
+        (
+            ["digits", "--task", "superres", "--low-res", "8", "--image-size", "16", "--cond-blur", "3"],
+            "use at most 2.33",
+        ),
     ],
 )
 def test_bad_conditioning_flags_are_one_line_errors(

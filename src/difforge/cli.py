@@ -62,7 +62,8 @@ _TRAIN_HELP = {
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the gradient norm to this (0 = off)",
     "ema_decay": "EMA decay of the weights used for sampling",
-    "p_uncond": "probability of dropping the class label (classifier-free guidance)",
+    "p_uncond": "probability of dropping each condition (class, labels, condition picture) to its null, "
+    "each on its own draw (classifier-free guidance)",
     "timestep_sampler": "uniform, importance (IDDPM loss-second-moment sampling of t) or lognormal "
     "(EDM's ln sigma ~ N(-1.2, 1.2^2), not reweighted)",
     "mixed_precision": "auto (bf16/fp16 on CUDA, off on CPU), no, bf16 or fp16",

@@ -9,6 +9,7 @@ and their defaults from `TrainConfig`, so a default lives here and nowhere else.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +65,8 @@ class TrainConfig:
             (lr * (1 + cos(pi p)) / 2 at progress p from the end of the warm-up to the last
             step, down to 0; Loshchilov & Hutter 2017 without restarts).
         ema_decay: EMA of the weights; the decay warms up as min(decay, (1 + n) / (10 + n)).
-        p_uncond: probability of replacing a label by the null label (classifier-free guidance).
+        p_uncond: probability of replacing each condition by its null, each kind on its own
+            draw (classifier-free guidance).
         timestep_sampler: ``uniform``, ``importance`` (IDDPM loss-second-moment) or
             ``lognormal`` (EDM's ln sigma ~ N(-1.2, 1.2^2), unweighted).
         mixed_precision: auto (bf16/fp16 on CUDA, off on CPU), no, bf16, fp16.
@@ -217,14 +219,20 @@ class TrainConfig:
         if not self.has_image_condition and (self.cond_noise_max or self.cond_blur):
             flag = "--cond-noise-max" if self.cond_noise_max else "--cond-blur"
             raise DifforgeError(f"{flag} augments an image condition: it needs --task superres or --cond-dir")
+        size = self.image_size or DEFAULT_IMAGE_SIZE
         if superres:
-            size = self.image_size or DEFAULT_IMAGE_SIZE
             low = self.low_res_size()
             check_number("--low-res", low, low=2, high=MAX_IMAGE_SIZE, integer=True)
             if not 2 <= size / low <= 8:
                 raise DifforgeError(
                     f"--low-res {low} with --image-size {size}: the factor {size / low:g} must be in [2, 8]"
                 )
+        side = self.low_res_size() if superres else size
+        if self.cond_blur and math.ceil(3 * self.cond_blur) >= side:
+            raise DifforgeError(
+                f"--cond-blur {self.cond_blur:g}: a blur of 3 std must fit in the {side} px condition; "
+                f"use at most {(side - 1) / 3:.2f}"
+            )
 
     @property
     def has_image_condition(self) -> bool:

@@ -163,7 +163,7 @@ def test_a_paired_run_needs_its_condition(runs: dict[str, Path], capsys: pytest.
 # ---- super-resolution and the cascade -------------------------------------------------------
 
 
-def test_upscale_of_an_8px_picture_yields_16px(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_upscale_makes_pictures_of_the_stage_size(runs: dict[str, Path], tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
     Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))).save(small / "ramp.png")
@@ -173,6 +173,12 @@ def test_upscale_of_an_8px_picture_yields_16px(runs: dict[str, Path], tmp_path: 
     assert main(["upscale", str(runs["sr"]), str(small), "--out", str(out), "--steps", "2"]) == 0
     assert Image.open(out / "ramp.png").size == (16, 16) and Image.open(out / "big.png").size == (16, 16)
     assert (out / "comparison.png").is_file() and not (out / "broken.png").exists()
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(small / "sixteen.png")
+    assert (
+        main(["upscale", str(runs["sr2"]), str(small / "sixteen.png"), "--out", str(out), "--steps", "1"])
+        == 0
+    )
+    assert Image.open(out / "sixteen.png").size == (32, 32)  # the 16 -> 32 stage
 
 
 def test_a_cascade_of_two_runs_makes_images_of_the_final_size(runs: dict[str, Path], tmp_path: Path) -> None:

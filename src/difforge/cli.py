@@ -631,7 +631,8 @@ def _run_cascade(args: argparse.Namespace, sampling: Any) -> int:
         out = Path(args.out) if args.out else default
         written.append(save_image(out, make_grid(final)))
         size = final.shape[1]  # every stage enlarged to the final size (nearest: its own pixels)
-        enlarged = [o.repeat(size // o.shape[1], axis=1).repeat(size // o.shape[2], axis=2) for o in outputs]
+        nearest = [np.arange(size) * o.shape[1] // size for o in outputs]
+        enlarged = [o[:, index][:, :, index] for o, index in zip(outputs, nearest, strict=True)]
         rows = np.stack(enlarged, axis=1).reshape(-1, *final.shape[1:])
         stages_path = out.with_name(f"{out.stem}_stages{out.suffix}")
         written.append(save_image(stages_path, make_grid(rows, columns=len(outputs) * 2)))

@@ -644,9 +644,33 @@ def _run_cascade(args: argparse.Namespace, sampling: Any) -> int:
 # ---- upscale --------------------------------------------------------------------------------
 
 
-def _add_upscale(subparsers: Any) -> None:
+def _add_picture_flags(parser: argparse.ArgumentParser, class_help: str) -> None:
+    """The flags of a command that runs a model over the user's pictures (upscale, restore)."""
     from difforge.sampling.config import add_sample_flags
 
+    add_sample_flags(parser)
+    parser.add_argument("--class", dest="classes", action="append", help=class_help)
+    parser.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights (default: ema)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+
+
+def _open_for_pictures(args: argparse.Namespace) -> tuple[Path, Any, Any]:
+    """(the --out folder, checked writable; the sampling settings; the run's `Pipeline`)."""
+    from difforge.images import check_output_folder
+    from difforge.pipeline import Pipeline
+    from difforge.sampling.config import sample_config_from_args
+
+    out = Path(args.out)
+    if out.is_file():
+        raise DifforgeError(f"--out {out}: is a file, not a folder")
+    check_output_folder(out, "--out")
+    sampling = sample_config_from_args(args)
+    return out, sampling, Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+
+
+def _add_upscale(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "upscale",
         help="super-resolve your own low-resolution pictures with a super-resolution run",
@@ -656,18 +680,10 @@ def _add_upscale(subparsers: Any) -> None:
     parser.add_argument("run", help="a super-resolution run folder (difforge train --task superres)")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="folder for the upscaled images and comparison.png")
-    add_sample_flags(parser)
-    parser.add_argument(
-        "--class",
-        dest="classes",
-        action="append",
-        help="class name or id of the pictures for a class-conditional stage, cycled (default: its null "
-        "label)",
+    _add_picture_flags(
+        parser,
+        "class name or id of the pictures for a class-conditional stage, cycled (default: its null label)",
     )
-    parser.add_argument(
-        "--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights (default: ema)"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.set_defaults(func=_run_upscale)
 
 
@@ -675,16 +691,9 @@ def _run_upscale(args: argparse.Namespace) -> int:
     import numpy as np
 
     from difforge.conditioning import resize_images
-    from difforge.images import check_output_folder, make_grid, save_png, to_uint8
-    from difforge.pipeline import Pipeline
-    from difforge.sampling.config import sample_config_from_args
+    from difforge.images import make_grid, save_png, to_uint8
 
-    out = Path(args.out)
-    if out.is_file():
-        raise DifforgeError(f"--out {out}: is a file, not a folder")
-    check_output_folder(out, "--out")
-    sampling = sample_config_from_args(args)
-    pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+    out, sampling, pipe = _open_for_pictures(args)
     pipe.check_superres()
     sampling.validate(pipe.process.kind)
     pictures, files, skipped = _read_pictures(args.images, pipe.condition_shape)
@@ -707,7 +716,6 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
 
 def _add_restore(subparsers: Any) -> None:
-    from difforge.sampling.config import add_sample_flags
 
     parser = subparsers.add_parser(
         "restore",
@@ -725,34 +733,20 @@ def _add_restore(subparsers: Any) -> None:
     parser.add_argument(
         "--degrade", action="store_true", help="apply D(x, K) to the (clean) pictures first, to compare"
     )
-    add_sample_flags(parser)
-    parser.add_argument(
-        "--class",
-        dest="classes",
-        action="append",
-        help="class name or id of the pictures, cycled (default: the null label of a model trained with "
-        "label dropout)",
+    _add_picture_flags(
+        parser,
+        "class name or id of the pictures, cycled (default: the null label of a model trained with label "
+        "dropout)",
     )
-    parser.add_argument(
-        "--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights (default: ema)"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.set_defaults(func=_run_restore)
 
 
 def _run_restore(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from difforge.images import check_output_folder, make_grid, save_png, to_uint8
-    from difforge.pipeline import Pipeline
-    from difforge.sampling.config import sample_config_from_args
+    from difforge.images import make_grid, save_png, to_uint8
 
-    out = Path(args.out)
-    if out.is_file():
-        raise DifforgeError(f"--out {out}: is a file, not a folder")
-    check_output_folder(out, "--out")
-    sampling = sample_config_from_args(args)
-    pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
+    out, sampling, pipe = _open_for_pictures(args)
     process = pipe.restoring_process()
     level = process.num_timesteps if args.from_t is None else args.from_t
     check_number("--from-t", level, low=1, high=process.num_timesteps, integer=True)

@@ -716,7 +716,6 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
 
 def _add_restore(subparsers: Any) -> None:
-
     parser = subparsers.add_parser(
         "restore",
         help="restore degraded pictures with a cold-diffusion run (deblur, unmask, de-pixelate)",

@@ -93,6 +93,9 @@ _TRAIN_HELP = {
     "cond_noise_max": "noise-conditioning augmentation: the image condition is noised at a level "
     "s ~ U(0, this), s in [0, 1], and s is given to the model (default: 0.5 for superres, else off)",
     "cond_blur": "also blur half the image conditions in training, Gaussian std ~ U(0, this) pixels",
+    "experts": "branch the --init-from run into K timestep experts (eDiff-I), cut at equal probability "
+    "mass of the training timesteps; they train one after another, each on its range, --steps / K each",
+    "expert_bounds": "the same with explicit bounds 0,b1,...,T, e.g. 0,300,700,1000",
 }
 
 

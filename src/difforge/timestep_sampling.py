@@ -34,14 +34,38 @@ class UniformTimestepSampler:
         """(T,) float64 p(t)."""
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
 
+    reweights = True
+    """Whether the weights undo p(t) (1 / (n p(t))); False: p(t) is the loss weighting."""
+
+    def probabilities_in(self, low: int, high: int) -> torch.Tensor:
+        """(high - low,) float64 p(t | low <= t < high): p restricted to the range, renormalised."""
+        p = self.probabilities()[low:high]
+        return p / p.sum()
+
     def sample(
-        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        timestep_range: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (t, weights): (B,) int64 timesteps and (B,) float32 weights 1 / (T p(t))."""
-        p = self.probabilities()
+        """Returns (t, weights): (B,) int64 timesteps and (B,) float32 weights 1 / (n p(t)).
+
+        ``timestep_range`` (low, high): draw only low <= t < high, from p restricted to the
+        range (a timestep expert's training), with n = high - low, so the weighted loss is an
+        unbiased estimate of the uniform average over the range. None: the whole chain,
+        n = T."""
+        low, high = timestep_range if timestep_range is not None else (0, self.num_timesteps)
+        if not 0 <= low < high <= self.num_timesteps:
+            raise DifforgeError(f"timestep range [{low}, {high}) is not inside 0..{self.num_timesteps}")
+        p = (
+            self.probabilities()
+            if (low, high) == (0, self.num_timesteps)
+            else self.probabilities_in(low, high)
+        )
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
-        weights = (1.0 / (self.num_timesteps * p[t])).float()
-        return t.to(device), weights.to(device)
+        weights = (1.0 / ((high - low) * p[t])).float() if self.reweights else torch.ones(batch_size)
+        return (t + low).to(device), weights.to(device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Record per-example losses (B,) at timesteps t (B,); nothing to learn here."""
@@ -76,11 +100,17 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         return bool((self.loss_counts == self.history).all())
 
     def probabilities(self) -> torch.Tensor:
-        if not self.warmed_up:
-            return super().probabilities()
-        weights = self.loss_history.pow(2).mean(dim=-1).sqrt()
+        return self.probabilities_in(0, self.num_timesteps)
+
+    def probabilities_in(self, low: int, high: int) -> torch.Tensor:
+        """The IDDPM rule on the timesteps of [low, high) alone: uniform there until each has
+        ``history`` losses, then sqrt(E[L_t^2]) mixed with ``uniform_prob`` of uniform."""
+        count = high - low
+        if not bool((self.loss_counts[low:high] == self.history).all()):
+            return torch.full((count,), 1.0 / count, dtype=torch.float64)
+        weights = self.loss_history[low:high].pow(2).mean(dim=-1).sqrt()
         weights = weights / weights.sum() * (1.0 - self.uniform_prob)
-        return weights + self.uniform_prob / self.num_timesteps
+        return weights + self.uniform_prob / count
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Append each example's loss to its timestep's history (a ring of length ``history``)."""
@@ -129,15 +159,10 @@ class LogNormalSigmaSampler(UniformTimestepSampler):
         cdf = torch.special.ndtr(torch.from_numpy((edges - p_mean) / p_std))
         self._p = torch.diff(cdf)
 
+    reweights = False
+
     def probabilities(self) -> torch.Tensor:
         return self._p
-
-    def sample(
-        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (t, weights): (B,) int64 timesteps drawn from p(t) and (B,) float32 ones."""
-        t = torch.multinomial(self._p, batch_size, replacement=True, generator=generator)
-        return t.to(device), torch.ones(batch_size, device=device)
 
 
 TIMESTEP_SAMPLERS = ("uniform", "importance", "loss-second-moment", "lognormal")

@@ -101,6 +101,10 @@ class TrainConfig:
             is given to the model; None = 0.5 for superres, 0 (off) otherwise.
         cond_blur: also blur half of the image conditions in training by a Gaussian of std
             ~ U(0, cond_blur) pixels (0 = off).
+        experts: branch the ``init_from`` run into this many timestep experts (eDiff-I), cut
+            at equal probability mass of the training timestep distribution; they train one
+            after another, each on its own range, for an equal share of ``steps``.
+        expert_bounds: the same with explicit bounds, "0,300,700,1000" (0 to T, increasing).
     """
 
     data: str = "mnist"
@@ -143,6 +147,8 @@ class TrainConfig:
     low_res: int | None = None
     cond_noise_max: float | None = None
     cond_blur: float = 0.0
+    experts: int | None = None
+    expert_bounds: str | None = None
 
     def validate(self) -> TrainConfig:
         """Raise a one-line DifforgeError naming the flag of a bad setting; returns self.
@@ -193,6 +199,14 @@ class TrainConfig:
         if self.channels not in (None, 1, 3):
             raise DifforgeError(f"--channels must be 1 or 3, got {self.channels}")
         self._validate_conditions()
+        if self.experts is not None or self.expert_bounds is not None:
+            flag = "--experts" if self.experts is not None else "--expert-bounds"
+            if self.experts is not None and self.expert_bounds is not None:
+                raise DifforgeError("--experts and --expert-bounds both split the chain: give one")
+            if self.experts is not None:
+                check_number("--experts", self.experts, low=2, high=64, integer=True)
+            if self.init_from is None:
+                raise DifforgeError(f"{flag} branches a trained run into experts: add --init-from PARENT_RUN")
         if self.preview_sampler is not None and self.preview_sampler not in sampler_names():
             raise DifforgeError(
                 f"--preview-sampler must be one of {', '.join(sampler_names())}; got {self.preview_sampler!r}"

@@ -26,6 +26,7 @@ import torch
 
 from difforge.errors import DifforgeError
 from difforge.nn import UNet, UNetConfig
+from difforge.nn.experts import ExpertRouter, ExpertsConfig
 from difforge.runs.storage import (
     CHECKPOINT_DIR,
     check_checkpoint,
@@ -50,7 +51,10 @@ class ModelKind:
     build: Callable[[Any], torch.nn.Module]
 
 
-MODEL_KINDS: dict[str, ModelKind] = {UNetConfig.kind: ModelKind(UNetConfig, UNet)}
+MODEL_KINDS: dict[str, ModelKind] = {
+    UNetConfig.kind: ModelKind(UNetConfig, UNet),
+    ExpertsConfig.kind: ModelKind(ExpertsConfig, ExpertRouter),
+}
 
 
 def register_model(config_class: Any, build: Callable[[Any], torch.nn.Module]) -> ModelKind:

@@ -3,6 +3,7 @@ and a dataset. The run's settings themselves live in `difforge.runs.config`."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from typing import Any
 
@@ -11,9 +12,10 @@ import torch
 from difforge.data import ImageDataset, load_dataset
 from difforge.errors import DifforgeError
 from difforge.nn import UNetConfig
+from difforge.nn.experts import ExpertsConfig, equal_mass_bounds, parse_bounds
 from difforge.process import Process, ProcessConfig
 from difforge.runs.config import DEFAULT_IMAGE_SIZE, DataInfo, RunConfig, TrainConfig, conditioning_of
-from difforge.runs.models import build_model, load_model
+from difforge.runs.models import build_model, find_weights, load_model
 from difforge.runs.storage import resolve_run_path
 from difforge.training.batches import DistributedContext
 from difforge.training.trainer import Trainer, default_steps
@@ -44,6 +46,8 @@ def prepare_run(
             low_res=parent.train.low_res,
         ).validate()
     built = process.build()  # validates the process settings before any data is read
+    branching = train.experts is not None or train.expert_bounds is not None
+    bounds = _expert_bounds(train, parent, built) if branching else None
     dataset = load_dataset(
         train.data,
         image_size=train.image_size or DEFAULT_IMAGE_SIZE,
@@ -71,7 +75,13 @@ def prepare_run(
         **process.model_settings(),
         **(model_overrides or {}),
     }
-    model_config = UNetConfig.preset(train.preset, **overrides)
+    model_config: Any
+    if parent is not None and isinstance(parent.model, ExpertsConfig):  # fine-tuning an ensemble
+        model_config = parent.model
+    else:
+        model_config = UNetConfig.preset(train.preset, **overrides)
+    if bounds is not None:
+        model_config = _expert_config(train, parent, model_config, bounds)
     data_info = DataInfo(
         source=dataset.source,
         class_names=list(dataset.class_names) if conditioning["num_classes"] else [],
@@ -88,8 +98,34 @@ def prepare_run(
     torch.manual_seed(train.seed)
     model = build_model(run_config)
     if parent is not None:
-        model.load_state_dict(load_model(train.init_from, parent, "ema").state_dict())  # type: ignore[arg-type]
+        state = load_model(train.init_from, parent, "ema").state_dict()  # type: ignore[arg-type]
+        for target in model.experts if branching else [model]:  # type: ignore[union-attr]
+            target.load_state_dict(state)
     return model, built, dataset, run_config
+
+
+def _expert_bounds(train: TrainConfig, parent: RunConfig | None, process: Process) -> tuple[int, ...]:
+    """The bounds of ``--expert-bounds``, or ``--experts K`` ranges of equal probability mass
+    under the training timestep distribution; checked before any data is read."""
+    if parent is None or isinstance(parent.model, ExpertsConfig):
+        raise DifforgeError(
+            "--experts: the parent run is already an ensemble; fine-tune it without --experts"
+        )
+    if train.expert_bounds is not None:
+        return parse_bounds(train.expert_bounds, process.num_timesteps)
+    sampler = process.timestep_sampler(train.timestep_sampler)
+    return equal_mass_bounds(sampler.probabilities(), int(train.experts or 0))
+
+
+def _expert_config(
+    train: TrainConfig, parent: RunConfig | None, network: Any, bounds: tuple[int, ...]
+) -> ExpertsConfig:
+    """K copies of the parent's network, with the parent's EMA file hash for provenance."""
+    assert parent is not None
+    choice = find_weights(train.init_from or "", "ema")
+    digest = hashlib.sha256(choice.path.read_bytes()).hexdigest()
+    provenance = {"run": str(train.init_from), "ema_sha256": digest, "fingerprint": parent.data.fingerprint}
+    return ExpertsConfig(bounds, [network] * (len(bounds) - 1), provenance)
 
 
 def _conditioning_settings(train: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:

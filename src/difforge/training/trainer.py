@@ -205,9 +205,25 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         """The learning rate of 0-based optimizer step ``step`` under this run's plan
-        (`learning_rate` with ``warmup_steps``, ``total_steps`` and ``lr_schedule``)."""
+        (`learning_rate` with ``warmup_steps``, ``total_steps`` and ``lr_schedule``). An
+        expert ensemble runs the plan once per expert, over that expert's share of the steps."""
         config = self.config
-        return learning_rate(config.lr, step, config.warmup_steps, self.total_steps, config.lr_schedule)
+        start, length = 0, self.total_steps
+        phase = self.expert_phase(step)
+        if phase is not None:
+            _, start, length = phase
+        return learning_rate(config.lr, step - start, config.warmup_steps, length, config.lr_schedule)
+
+    def expert_phase(self, step: int) -> tuple[int, int, int] | None:
+        """(expert, its first step, its number of steps) at ``step`` for an expert ensemble
+        (`difforge.nn.experts.ExpertsConfig.phase`), else None."""
+        phase = getattr(self.run_config.model, "phase", None)
+        return None if phase is None else phase(step, self.total_steps)
+
+    def timestep_range(self) -> tuple[int, int] | None:
+        """The training timesteps of this step: the range of the expert that trains now."""
+        phase = self.expert_phase(self.step)
+        return None if phase is None else self.run_config.model.expert_range(phase[0])
 
     # ---- data ----------------------------------------------------------------------------
 
@@ -248,11 +264,12 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
         images_in_step = 0
         accum = self.config.grad_accum
+        timestep_range = self.timestep_range()
         for micro in range(accum):
             images, cond = next(batches)
             x0 = images.to(self.device, non_blocking=True)
             batch = x0.shape[0]
-            t, weights = self.timestep_sampler.sample(batch, self.device, self.generator)
+            t, weights = self.timestep_sampler.sample(batch, self.device, self.generator, timestep_range)
             noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
             kwargs = prepare_conditions(
                 cond,

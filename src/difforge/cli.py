@@ -332,7 +332,7 @@ def _run_train(args: argparse.Namespace) -> int:
         params = sum(p.numel() for p in model.parameters())
         start = f" from step {trainer.step}" if trainer.step else ""
         print(
-            f"difforge {__version__}: training {train_config.preset} {_model_name(run_config)} "
+            f"difforge {__version__}: training {run_config.train.preset} {_model_name(run_config)} "
             f"({params / 1e6:.2f}M parameters) "
             f"on {dataset.source} ({len(dataset)} images, {dataset.num_classes} classes, "
             f"{dataset.image_size}x{dataset.image_size}x{dataset.channels}) "
@@ -833,6 +833,14 @@ def _run_info(args: argparse.Namespace) -> int:
         f"model:      {config.train.preset} {_model_name(config)}, "
         f"{model.image_size}x{model.image_size}x{model.in_channels}"
     )
+    bounds = getattr(model, "bounds", None)
+    if bounds is not None:
+        ranges = ", ".join(f"[{low}, {high})" for low, high in zip(bounds, bounds[1:], strict=False))
+        origin = model.parent.get("run", "") if isinstance(model.parent, dict) else ""
+        print(
+            f"experts:    {len(bounds) - 1} over t in {ranges}"
+            + (f", branched from {origin}" if origin else "")
+        )
     describe = getattr(config.diffusion, "describe", None)
     settings = (
         describe() if describe else {k: v for k, v in config.diffusion.to_dict().items() if k != "kind"}

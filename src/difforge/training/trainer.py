@@ -183,7 +183,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+            # An expert ensemble trains one expert at a time: the others get no gradient.
+            ensemble = getattr(run_config.model, "phase", None) is not None
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=ensemble
+            )
         self._writer: Any = None
 
     # ---- setup helpers -------------------------------------------------------------------

@@ -4,6 +4,7 @@ run, training the experts one after another, resume, and sampling with every sam
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,19 @@ def test_malformed_expert_flags_are_one_line_errors(
     assert "add --init-from" in one_line_error(
         capsys, ["train", "digits", "--experts", "2", "--out", str(tmp_path / "y")]
     )
+
+
+def test_an_expert_of_another_width_starts_fresh_where_the_parent_does_not_fit(
+    parent: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    width = RunConfig.load(parent).model.base_channels
+    train = TrainConfig(**{**TINY, "image_size": 8, "steps": 2}, init_from=str(parent), experts=2,
+                        expert_channels=f"{width},{2 * width}")  # fmt: skip
+    with caplog.at_level("WARNING", logger="difforge.training"):
+        model, _, _, run_config = prepare_run(train, process_config_from_dict({}))
+    assert [e.base_channels for e in run_config.model.experts] == [width, 2 * width]
+    parent_state = Pipeline.from_run(parent).model.state_dict()
+    assert all(torch.equal(v, parent_state[k]) for k, v in model.experts[0].state_dict().items())
+    assert "expert 1 differs in size from the parent" in caplog.text and "expert 0" not in caplog.text
+    with pytest.raises(Exception, match="gives 3 widths for 2 experts"):
+        prepare_run(replace(train, expert_channels="8,8,8"), process_config_from_dict({}))

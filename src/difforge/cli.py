@@ -96,6 +96,8 @@ _TRAIN_HELP = {
     "experts": "branch the --init-from run into K timestep experts (eDiff-I), cut at equal probability "
     "mass of the training timesteps; they train one after another, each on its range, --steps / K each",
     "expert_bounds": "the same with explicit bounds 0,b1,...,T, e.g. 0,300,700,1000",
+    "expert_channels": "base width of each expert, e.g. 64,96 (default: the parent's); tensors that do "
+    "not fit are freshly initialised, and training says how many",
 }
 
 

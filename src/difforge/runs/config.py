@@ -105,6 +105,9 @@ class TrainConfig:
             at equal probability mass of the training timestep distribution; they train one
             after another, each on its own range, for an equal share of ``steps``.
         expert_bounds: the same with explicit bounds, "0,300,700,1000" (0 to T, increasing).
+        expert_channels: the base width of each expert, "64,128" (one per expert; None = the
+            parent's): an expert of another width starts from the parent's tensors whose
+            shapes match and fresh ones elsewhere (reported when training starts).
     """
 
     data: str = "mnist"
@@ -149,6 +152,7 @@ class TrainConfig:
     cond_blur: float = 0.0
     experts: int | None = None
     expert_bounds: str | None = None
+    expert_channels: str | None = None
 
     def validate(self) -> TrainConfig:
         """Raise a one-line DifforgeError naming the flag of a bad setting; returns self.
@@ -207,6 +211,10 @@ class TrainConfig:
                 check_number("--experts", self.experts, low=2, high=64, integer=True)
             if self.init_from is None:
                 raise DifforgeError(f"{flag} branches a trained run into experts: add --init-from PARENT_RUN")
+        if self.expert_channels is not None:
+            if self.experts is None and self.expert_bounds is None:
+                raise DifforgeError("--expert-channels sizes experts: add --experts K or --expert-bounds")
+            self.expert_widths()
         if self.preview_sampler is not None and self.preview_sampler not in sampler_names():
             raise DifforgeError(
                 f"--preview-sampler must be one of {', '.join(sampler_names())}; got {self.preview_sampler!r}"
@@ -247,6 +255,20 @@ class TrainConfig:
                 f"--cond-blur {self.cond_blur:g}: a blur of 3 std must fit in the {side} px condition; "
                 f"use at most {(side - 1) / 3:.2f}"
             )
+
+    def expert_widths(self) -> list[int] | None:
+        """``expert_channels`` as whole numbers (None when not given)."""
+        if self.expert_channels is None:
+            return None
+        try:
+            widths = [int(part) for part in self.expert_channels.split(",")]
+        except ValueError:
+            raise DifforgeError(
+                f"--expert-channels {self.expert_channels!r}: give whole numbers, e.g. 64,128"
+            ) from None
+        for width in widths:
+            check_number("--expert-channels", width, low=1, high=4096, integer=True)
+        return widths
 
     @property
     def has_image_condition(self) -> bool:

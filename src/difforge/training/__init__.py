@@ -4,6 +4,7 @@ and a dataset. The run's settings themselves live in `difforge.runs.config`."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +20,8 @@ from difforge.runs.models import build_model, find_weights, load_model
 from difforge.runs.storage import resolve_run_path
 from difforge.training.batches import DistributedContext
 from difforge.training.trainer import Trainer, default_steps
+
+logger = logging.getLogger("difforge.training")
 
 
 def prepare_run(
@@ -99,9 +102,27 @@ def prepare_run(
     model = build_model(run_config)
     if parent is not None:
         state = load_model(train.init_from, parent, "ema").state_dict()  # type: ignore[arg-type]
-        for target in model.experts if branching else [model]:  # type: ignore[union-attr]
-            target.load_state_dict(state)
+        if not branching:
+            model.load_state_dict(state)
+        for number, expert in enumerate(model.experts if branching else []):  # type: ignore[union-attr]
+            _start_expert(number, expert, state)
     return model, built, dataset, run_config
+
+
+def _start_expert(number: int, expert: torch.nn.Module, parent_state: dict[str, torch.Tensor]) -> None:
+    """An expert starts from the parent's EMA weights; one of another size takes the
+    tensors whose names and shapes match and keeps its fresh initialisation elsewhere."""
+    own = expert.state_dict()
+    matching = {k: v for k, v in parent_state.items() if k in own and own[k].shape == v.shape}
+    if len(matching) == len(own) == len(parent_state):
+        expert.load_state_dict(parent_state)
+        return
+    expert.load_state_dict(matching, strict=False)
+    logger.warning(
+        "expert %d differs in size from the parent: %d of its %d tensors copied from the parent, "
+        "the other %d freshly initialised",
+        number, len(matching), len(own), len(own) - len(matching),
+    )  # fmt: skip
 
 
 def _expert_bounds(train: TrainConfig, parent: RunConfig | None, process: Process) -> tuple[int, ...]:
@@ -125,7 +146,14 @@ def _expert_config(
     choice = find_weights(train.init_from or "", "ema")
     digest = hashlib.sha256(choice.path.read_bytes()).hexdigest()
     provenance = {"run": str(train.init_from), "ema_sha256": digest, "fingerprint": parent.data.fingerprint}
-    return ExpertsConfig(bounds, [network] * (len(bounds) - 1), provenance)
+    count = len(bounds) - 1
+    widths = train.expert_widths()
+    if widths is not None and len(widths) != count:
+        raise DifforgeError(f"--expert-channels gives {len(widths)} widths for {count} experts")
+    networks = [
+        network if widths is None else replace(network, base_channels=w) for w in widths or [0] * count
+    ]
+    return ExpertsConfig(bounds, networks, provenance)
 
 
 def _conditioning_settings(train: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:

@@ -209,7 +209,22 @@ def test_an_ensemble_is_a_run_like_any_other(
             == 0
         )
     assert main(["info", str(run)]) == 0
-    assert "experts" in capsys.readouterr().out
+    assert "2 over t in [0, 10), [10, 40)" in capsys.readouterr().out
+    fid = [
+        "eval",
+        "fid",
+        str(run),
+        "digits[:12]",
+        "-n",
+        "4",
+        "--steps",
+        "2",
+        "--json",
+        "--quiet",
+        "--no-cache",
+    ]
+    assert main(fid) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] > 0
     pipe = Pipeline.from_run(run)
     assert isinstance(pipe.model, ExpertRouter) and pipe(2, steps=2).shape == (2, 8, 8, 1)
 

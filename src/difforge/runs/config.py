@@ -349,6 +349,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.conditioning is None:
             self.conditioning = conditioning_of(self.model)
+        bounds = getattr(self.model, "bounds", None)
+        steps = getattr(self.diffusion, "num_timesteps", None)
+        if bounds is not None and steps is not None and bounds[-1] != steps:
+            raise DifforgeError(f"the expert bounds end at {bounds[-1]}; the process has {steps} timesteps")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,8 @@ Measured, each with ``-n`` samples at one seed, FID (Inception, `difforge.evalua
 against the held-out 1,000 at the sample's own resolution:
 
 - the base stage at 16 px; the cascade's 32 px samples for each sampling noise level
-  ``--cond-noise`` of the augmented stage (and at 0 for sr-noaug), and with guidance 1;
+  ``--cond-noise`` of the augmented stage (sr-noaug takes none) at each guidance scale
+  ``--guidances`` (``--sweep-only``: only these);
 - the single model at N and 2N steps;
 - the SR stage alone on real low-resolution inputs (the held-out images area-downsampled
   to 16 px, 8-bit): PSNR against the real 32 px images and FID, next to bilinear
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--single-run", type=Path, help="an N-step 32 px run of the same data to extend")
     parser.add_argument("-n", "--num-images", type=int, default=1000)
     parser.add_argument("--cond-noise", default="0,0.1,0.2,0.4", help="sampling levels of the sr stage")
+    parser.add_argument("--guidances", default="1,2", help="guidance scales of the sr stages")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sampling sweep of the sr stages")
     parser.add_argument("--out", type=Path, default=Path("bench-out/cascade"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -143,21 +146,27 @@ def main() -> None:
     record("base 16px", base_images, base_seconds)
     base_condition = images_to_condition(base_images)
     levels = [float(v) for v in args.cond_noise.split(",")]
+    guidances = [float(v) for v in args.guidances.split(",")]
     for name, run, run_levels in (("sr", out / "sr", levels), ("sr-noaug", out / "sr-noaug", [None])):
         stage = Pipeline.from_run(run, device="cpu")
-        for level in run_levels:
-            images, seconds = timed(stage.upscale, base_condition, cond_noise=level)
-            shown = "" if level is None else f", cond_noise={level:g}"
-            record(f"cascade base -> {name}{shown}", images, base_seconds + seconds)
+        for guidance in guidances:
+            for level in run_levels:
+                images, seconds = timed(stage.upscale, base_condition, cond_noise=level, guidance=guidance)
+                shown = "" if level is None else f", cond_noise={level:g}"
+                record(
+                    f"cascade base -> {name}{shown}, guidance={guidance:g}", images, base_seconds + seconds
+                )
+        if args.sweep_only:
+            continue
         level = None  # the default level (COND_NOISE_DEFAULT) of an augmented stage
-        images, seconds = timed(stage.upscale, base_condition, cond_noise=level, guidance=1.0)
-        record(f"cascade base -> {name}, guidance=1", images, base_seconds + seconds)
         # the stage alone, on real 16 px inputs
         real = low_res(held[:count], 16)
         truth = images_to_condition(held[:count])
         images, seconds = timed(stage.upscale, real, cond_noise=level)
         score = round(float(psnr(images_to_condition(images), truth).mean()), 2)
         record(f"{name} on real 16px inputs", images, seconds, psnr=score)
+    if args.sweep_only:
+        return
     enlarged = to_uint8(resize_images(low_res(held[:count], 16), 32))
     score = round(float(psnr(images_to_condition(enlarged), images_to_condition(held[:count])).mean()), 2)
     record("bilinear enlargement of real 16px inputs", enlarged, 0.0, psnr=score)

@@ -245,6 +245,7 @@ class Pipeline:
             raise DifforgeError("the number of images must be >= 1")
         if config.guidance not in (None, 1.0) and not self.guidable:
             raise DifforgeError("--guidance needs a model trained with condition dropout; this one has none")
+        config = config.for_superres(self.is_superres)
         no_labels = labels is None and ClassLabel.key not in (cond or {})
         if self.multi_label and no_labels and set(self.conditions) == {ClassLabel.key}:
             config = config.updated(guidance=1.0)  # no labels: the null on both sides, one branch is enough

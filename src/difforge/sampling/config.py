@@ -30,6 +30,12 @@ wrong digits (0.3% against 1.1%), so 2 it is. (With 0.1's deterministic sampler 
 improving up to 3: the stochastic sampler needs less guidance.)"""
 
 
+SUPERRES_GUIDANCE_DEFAULT = 1.0
+"""The guidance scale of a super-resolution stage when none is given, dropout or not:
+``bench/cascade.py`` (docs/benchmarks.md "Cascaded super-resolution") measured the cascade's
+FID at 26.9 with w = 1 against 31.4 with w = 2 for the augmented stage, and 31.3 against
+33.0 for the one trained without augmentation."""
+
 COND_NOISE_DEFAULT = 0.1
 """The noise-augmentation level s of a super-resolution stage's input when none is given
 (`difforge.conditioning.NoiseAugmentation`); measured by ``bench/cascade.py``
@@ -55,7 +61,8 @@ class SampleConfig:
             For these five sampler options None = the sampler's own default
             (`SamplerEntry.options`); setting one the sampler does not take is an error.
         guidance: classifier-free guidance scale w (1 = off, 0 = unconditional); None =
-            `GUIDED_DEFAULT` for a model trained with condition dropout, 1 otherwise.
+            `GUIDED_DEFAULT` for a model trained with condition dropout, 1 otherwise (and
+            `SUPERRES_GUIDANCE_DEFAULT` for a super-resolution stage).
         cond_noise: the noise-augmentation level s in [0, 1] at which the image condition of
             a model trained with noise-conditioning augmentation (a super-resolution stage)
             is noised and embedded; None = `COND_NOISE_DEFAULT`. Other models refuse it.
@@ -147,6 +154,13 @@ class SampleConfig:
             return None
         return COND_NOISE_DEFAULT if self.cond_noise is None else float(self.cond_noise)
 
+    def for_superres(self, superres: bool) -> SampleConfig:
+        """This config, with guidance `SUPERRES_GUIDANCE_DEFAULT` when none is given and the
+        model is a super-resolution stage (``superres``)."""
+        if superres and self.guidance is None:
+            return replace(self, guidance=SUPERRES_GUIDANCE_DEFAULT)
+        return self
+
     def updated(self, **changes: Any) -> SampleConfig:
         """A copy with the given fields changed; ``None`` values are left as they are."""
         known = {f.name for f in fields(self)}
@@ -198,7 +212,7 @@ FLAG_HELP = {
     "s_tmax": "edm churns only at noise levels <= this (default: {s_tmax})",
     "s_noise": "scale of the fresh noise (default: {s_noise})",
     "guidance": "classifier-free guidance scale w; 1 = off (default: {guided} for a model trained "
-    "with label dropout, else 1)",
+    "with label dropout, else 1; 1 for a super-resolution stage)",
     "cond_noise": "noise level s in [0, 1] of a super-resolution stage's input, as in its training "
     "augmentation (default: {cond_noise})",
     "spacing": "noise levels of the ODE samplers: uniform, logsnr or karras",

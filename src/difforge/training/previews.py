@@ -86,7 +86,7 @@ def write_preview(trainer: Trainer) -> Path | None:
         if info.index % max(1, info.total // STRIP_FRAMES) == 0 or info.index == info.total - 1:
             frames.append((info.x[:STRIP_IMAGES].clone(), info.pred_x0[:STRIP_IMAGES].clone()))
 
-    sampling = config.preview_sampling()
+    sampling = config.preview_sampling().for_superres(config.task == "superres")
     sampling = sampling.updated(steps=min(sampling.steps, trainer.process.num_timesteps))
     channels, size = trainer.image_shape[0], trainer.image_shape[1]
     start = None

@@ -17,7 +17,7 @@ against the held-out 1,000 at the sample's own resolution:
 
 - the base stage at 16 px; the cascade's 32 px samples for each sampling noise level
   ``--cond-noise`` of the augmented stage (sr-noaug takes none) at each guidance scale
-  ``--guidances`` (``--sweep-only``: only these);
+  ``--guidances`` (``--sweep-only``: only these and the real inputs below);
 - the single model at N and 2N steps;
 - the SR stage alone on real low-resolution inputs (the held-out images area-downsampled
   to 16 px, 8-bit): PSNR against the real 32 px images and FID, next to bilinear
@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("-n", "--num-images", type=int, default=1000)
     parser.add_argument("--cond-noise", default="0,0.1,0.2,0.4", help="sampling levels of the sr stage")
     parser.add_argument("--guidances", default="1,2", help="guidance scales of the sr stages")
-    parser.add_argument("--sweep-only", action="store_true", help="only the sampling sweep of the sr stages")
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="only the sr stages: the sampling sweep and the real inputs"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out/cascade"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -156,8 +158,6 @@ def main() -> None:
                 record(
                     f"cascade base -> {name}{shown}, guidance={guidance:g}", images, base_seconds + seconds
                 )
-        if args.sweep_only:
-            continue
         level = None  # the default level (COND_NOISE_DEFAULT) of an augmented stage
         # the stage alone, on real 16 px inputs
         real = low_res(held[:count], 16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -173,3 +174,50 @@ def test_bad_explicit_respacing_and_timestep_map():
         schedule.respace(np.array([5, 100]))
     with pytest.raises(DifforgeError, match="timestep_map must be 3 strictly increasing indices"):
         NoiseSchedule([0.1, 0.2, 0.3], timestep_map=[0, 2, 2])
+
+
+# ---- endpoints and custom betas (DiffusionConfig carries them; diffusers imports need them) ----
+
+
+def test_linear_endpoints_are_the_ones_given() -> None:
+    betas = named_betas("linear", 100, beta_start=5e-3, beta_end=9e-3)
+    np.testing.assert_allclose(betas, np.linspace(5e-3, 9e-3, 100), rtol=0, atol=0)
+    quadratic = named_betas("quadratic", 10, beta_start=1e-4, beta_end=4e-2)
+    np.testing.assert_allclose(np.sqrt(quadratic), np.linspace(1e-2, 0.2, 10), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "words"),
+    [
+        (0.0, 0.02, "--beta-start"),
+        (1e-4, 1.0, "--beta-end"),
+        (0.02, 0.01, "below"),
+        (float("nan"), 0.1, "(0, 1)"),
+    ],
+)
+def test_bad_endpoints_are_refused(start: float, end: float, words: str) -> None:
+    with pytest.raises(DifforgeError, match=re.escape(words)):
+        named_betas("linear", 100, beta_start=start, beta_end=end)
+
+
+def test_endpoints_of_the_cosine_schedule_are_refused() -> None:
+    with pytest.raises(DifforgeError, match="has none"):
+        named_betas("cosine", 100, beta_start=1e-4)
+
+
+def test_custom_betas_in_a_diffusion_config() -> None:
+    from difforge.diffusion import DiffusionConfig
+
+    betas = [0.01, 0.02, 0.03, 0.04]
+    process = DiffusionConfig(schedule="custom", num_timesteps=4, betas=betas).build()
+    np.testing.assert_array_equal(process.schedule.betas, betas)
+    round_trip = DiffusionConfig.from_dict(
+        DiffusionConfig(schedule="custom", num_timesteps=4, betas=betas).to_dict()
+    )
+    assert round_trip.betas == betas
+    with pytest.raises(DifforgeError, match="4 betas for 5 timesteps"):
+        DiffusionConfig(schedule="custom", num_timesteps=5, betas=betas).build()
+    with pytest.raises(DifforgeError, match="schedule 'custom'"):
+        DiffusionConfig(schedule="linear", num_timesteps=4, betas=betas).build()
+    with pytest.raises(DifforgeError, match="non-decreasing"):
+        DiffusionConfig(schedule="custom", num_timesteps=4, betas=[0.02, 0.01, 0.03, 0.04]).build()

@@ -814,7 +814,10 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"run:        {run}")
     print(f"version:    difforge {config.difforge_version}")
     data = config.data
-    print(f"data:       {data.source} ({data.num_images} images, fingerprint {data.fingerprint})")
+    if data.source or not data.attribution:
+        print(f"data:       {data.source} ({data.num_images} images, fingerprint {data.fingerprint})")
+    else:
+        print(f"data:       {data.attribution}")
     classes = ", ".join(config.data.class_names) if config.data.class_names else "none"
     print(f"classes:    {classes}")
     print(f"conditions: {', '.join(config.conditioning or []) or 'none'}")
@@ -872,8 +875,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upscale(subparsers)
     _add_info(subparsers)
     from difforge.evaluation.commands import add_eval_parser
+    from difforge.interop.commands import add_interop_parsers
 
     add_eval_parser(subparsers)
+    add_interop_parsers(subparsers)
     options: list[str] = []
     for sub in subparsers.choices.values():
         for action in sub._actions:

@@ -34,6 +34,8 @@ VARIANCES: tuple[str, ...] = ("fixed_small", "fixed_large", "learned_range")
 LOSSES: tuple[str, ...] = ("mse", "l1", "huber", "hybrid", "vlb")
 MAX_TIMESTEPS = 100_000
 """The longest training chain accepted (IDDPM's longest is 4000)."""
+CUSTOM_SCHEDULE = "custom"
+"""`DiffusionConfig.schedule` of a run whose betas are given one by one."""
 
 Denoiser = Callable[..., torch.Tensor]
 """``model(x_t, t_original, **model_kwargs) -> model_output``: (B, C, H, W), or (B, 2C, H, W)
@@ -174,6 +176,10 @@ class DiffusionConfig:
         min_snr_gamma: if set, weight the simple loss by min(SNR, gamma) / SNR-ish
             (Hang et al. 2023), per the prediction type.
         huber_delta: the Huber loss's transition point.
+        beta_start / beta_end: the endpoints of a linear, quadratic or sigmoid schedule
+            (None: Ho et al.'s 1e-4 and 0.02, scaled by 1000 / T).
+        betas: a custom schedule, T values in (0, 1), non-decreasing; then ``schedule`` is
+            ``custom`` and ``num_timesteps`` is their number.
 
     ``kind`` names the process in a run's config.json (see `difforge.process`).
     """
@@ -200,17 +206,35 @@ class DiffusionConfig:
     vlb_weight: float = 0.001
     min_snr_gamma: float | None = None
     huber_delta: float = 1.0
+    beta_start: float | None = None
+    beta_end: float | None = None
+    betas: list[float] | None = None
+
+    def noise_schedule(self) -> NoiseSchedule:
+        """The schedule these settings name; a bad one is a one-line DifforgeError."""
+        check_number("--timesteps", self.num_timesteps, low=1, high=MAX_TIMESTEPS, integer=True)
+        if self.betas is None:
+            _choice(self.schedule, SCHEDULE_NAMES, "schedule")
+            return NoiseSchedule.named(self.schedule, self.num_timesteps, self.beta_start, self.beta_end)
+        if self.schedule != CUSTOM_SCHEDULE or self.beta_start is not None or self.beta_end is not None:
+            raise DifforgeError(
+                f"custom betas go with schedule {CUSTOM_SCHEDULE!r} and no endpoints; got schedule "
+                f"{self.schedule!r}"
+            )
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != self.num_timesteps:
+            count = len(self.betas) if isinstance(self.betas, (list, tuple)) else "no list of"
+            raise DifforgeError(f"the custom schedule has {count} betas for {self.num_timesteps} timesteps")
+        return NoiseSchedule(self.betas)
 
     def build(self) -> GaussianDiffusion:
         """The process; a bad setting is a one-line DifforgeError naming its flag."""
-        _choice(self.schedule, SCHEDULE_NAMES, "schedule")
-        check_number("--timesteps", self.num_timesteps, low=1, high=MAX_TIMESTEPS, integer=True)
+        schedule = self.noise_schedule()
         check_number("--vlb-weight", self.vlb_weight, low=0)
         check_number("--huber-delta", self.huber_delta, low=0, low_open=True)
         if self.min_snr_gamma is not None:
             check_number("--min-snr-gamma", self.min_snr_gamma, low=0, low_open=True)
         return GaussianDiffusion(
-            NoiseSchedule.named(self.schedule, self.num_timesteps),
+            schedule,
             prediction=self.prediction,  # type: ignore[arg-type]
             variance=self.variance,  # type: ignore[arg-type]
             loss=self.loss,  # type: ignore[arg-type]
@@ -225,6 +249,13 @@ class DiffusionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
+
+    def describe(self) -> dict[str, Any]:
+        """The settings ``difforge info`` shows: unset ones left out, custom betas summarised."""
+        shown = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.betas:
+            shown["betas"] = f"{len(self.betas)} values, {self.betas[0]:.3g} .. {self.betas[-1]:.3g}"
+        return shown
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiffusionConfig:

@@ -27,14 +27,26 @@ from difforge.errors import DifforgeError
 
 ScheduleName = Literal["linear", "cosine", "quadratic", "sigmoid"]
 SCHEDULE_NAMES: tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
+ENDPOINT_SCHEDULES: tuple[str, ...] = ("linear", "quadratic", "sigmoid")
+"""The named schedules that run between two endpoints, beta_start and beta_end."""
 
 RespacingSpec = str | int | Sequence[int]
 
 
-def _linear_endpoints(num_steps: int) -> tuple[float, float]:
+def default_linear_endpoints(num_steps: int) -> tuple[float, float]:
     """Ho et al.'s 1e-4 .. 0.02 for T = 1000, scaled by 1000 / T (improved DDPM)."""
     scale = 1000.0 / num_steps
     return scale * 0.0001, scale * 0.02
+
+
+def _check_endpoints(beta_start: float, beta_end: float) -> None:
+    for flag, value in (("--beta-start", beta_start), ("--beta-end", beta_end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise DifforgeError(f"{flag} must be a number in (0, 1), got {value!r}")
+    if not beta_start < beta_end:
+        raise DifforgeError(
+            f"--beta-start {beta_start:g} must be below --beta-end {beta_end:g} (noise grows with t)"
+        )
 
 
 def cosine_alpha_bar(t: np.ndarray | float, s: float = 0.008) -> np.ndarray | float:
@@ -54,8 +66,13 @@ def betas_from_alpha_bar(
     return np.minimum(betas, max_beta)
 
 
-def named_betas(name: str, num_steps: int) -> np.ndarray:
+def named_betas(
+    name: str, num_steps: int, beta_start: float | None = None, beta_end: float | None = None
+) -> np.ndarray:
     """The (T,) float64 betas of a named schedule.
+
+    ``beta_start`` / ``beta_end`` replace the endpoints of the linear, quadratic and sigmoid
+    schedules (None: Ho et al.'s, scaled by 1000 / T); both must lie in (0, 1), start < end.
 
     - ``linear``: Ho et al. (2020), 1e-4 .. 0.02 at T = 1000, endpoints scaled by 1000/T.
     - ``cosine``: Nichol & Dhariwal (2021) eq. 17, s = 0.008, each beta clipped at 0.999.
@@ -67,8 +84,18 @@ def named_betas(name: str, num_steps: int) -> np.ndarray:
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
         raise DifforgeError(f"num_steps must be a positive integer, got {num_steps!r}")
     num_steps = int(num_steps)
-    beta_start, beta_end = _linear_endpoints(num_steps)
-    if name in ("linear", "quadratic", "sigmoid") and beta_end >= 1.0:
+    if (beta_start is not None or beta_end is not None) and name not in ENDPOINT_SCHEDULES:
+        raise DifforgeError(
+            f"beta_start / beta_end set the endpoints of the {', '.join(ENDPOINT_SCHEDULES)} "
+            f"schedules; the {name} schedule has none"
+        )
+    default_start, default_end = default_linear_endpoints(num_steps)
+    given = beta_start is not None or beta_end is not None
+    beta_start = default_start if beta_start is None else beta_start
+    beta_end = default_end if beta_end is None else beta_end
+    if given:
+        _check_endpoints(beta_start, beta_end)
+    if name in ENDPOINT_SCHEDULES and beta_end >= 1.0:
         raise DifforgeError(
             f"the {name} schedule needs num_steps >= 21 (its last beta, 0.02 * 1000 / num_steps, "
             f"must be < 1); got num_steps={num_steps}: use more steps or the cosine schedule"
@@ -245,9 +272,12 @@ class NoiseSchedule:
         return array
 
     @classmethod
-    def named(cls, name: str, num_steps: int) -> NoiseSchedule:
-        """A named schedule (``linear``, ``cosine``, ``quadratic``, ``sigmoid``) of T = num_steps."""
-        return cls(named_betas(name, num_steps))
+    def named(
+        cls, name: str, num_steps: int, beta_start: float | None = None, beta_end: float | None = None
+    ) -> NoiseSchedule:
+        """A named schedule (``linear``, ``cosine``, ``quadratic``, ``sigmoid``) of T = num_steps
+        (endpoints: see `named_betas`)."""
+        return cls(named_betas(name, num_steps, beta_start, beta_end))
 
     def timesteps(self, spec: RespacingSpec) -> np.ndarray:
         """(K,) sorted original timestep indices kept by ``spec`` (see `respaced_timesteps`)."""

@@ -346,6 +346,10 @@ def run_nll(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_run(args.run, device=args.device, weights=args.weights)
     check_has_likelihood(pipe.process)
     data = args.data or pipe.run_config.data.source or pipe.run_config.train.data
+    if not data:
+        raise DifforgeError(
+            f"{args.run} records no training data (an imported run): name the images with --data"
+        )
     bar = None if args.quiet else tqdm(desc="nll", unit="step", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:

@@ -76,6 +76,13 @@ class UNetConfig:
             noise-conditioning augmentation level of its image condition (Ho et al. 2021,
             "Cascaded Diffusion Models" section 3.2), embedded like t and added to the
             timestep embedding. Needs ``image_cond_channels`` > 0.
+        time_freq_shift: The timestep features' frequencies are
+            ``exp(-ln(10000) i / (half - time_freq_shift))``, i < half = base_channels / 2:
+            0 (ours, diffusers' default) or 1 (Ho et al.'s DDPM models; diffusers'
+            ``freq_shift``).
+        downsample_padding: Padding of the strided downsampling convolution: 1 on every side,
+            or 0 with one row and column added at the bottom and right (TensorFlow's
+            ``SAME``, as in Ho et al.'s DDPM models; diffusers' ``downsample_padding``).
         zero_init: Zero-initialise the last layer of every residual branch and the output
             convolution (ADM), so a fresh network is the identity on its skip paths.
         gradient_checkpointing: Recompute block activations in the backward pass (saves
@@ -110,6 +117,8 @@ class UNetConfig:
     multi_label: bool = False
     image_cond_channels: int = 0
     cond_noise_embed: bool = False
+    time_freq_shift: int = 0
+    downsample_padding: int = 1
     zero_init: bool = True
     gradient_checkpointing: bool = False
     channels_last: bool = True
@@ -191,6 +200,12 @@ class UNetConfig:
             raise DifforgeError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.norm_eps <= 0:
             raise DifforgeError(f"UNetConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.time_freq_shift not in (0, 1):
+            raise DifforgeError(f"UNetConfig.time_freq_shift must be 0 or 1, got {self.time_freq_shift!r}")
+        if self.downsample_padding not in (0, 1):
+            raise DifforgeError(
+                f"UNetConfig.downsample_padding must be 0 or 1, got {self.downsample_padding!r}"
+            )
         if self.resample not in RESAMPLE_KINDS:
             raise DifforgeError(
                 f"UNetConfig.resample must be one of {', '.join(RESAMPLE_KINDS)}, got {self.resample!r}"

@@ -37,19 +37,24 @@ def _zero_(module: nn.Module) -> nn.Module:
 
 
 class SinusoidalEmbedding(nn.Module):
-    """Transformer-style sinusoidal timestep features: (B,) -> (B, dim), ``[cos | sin]``."""
+    """Transformer-style sinusoidal timestep features: (B,) -> (B, dim), ``[cos | sin]``.
+
+    Frequencies ``exp(-ln(max_period) i / (half - freq_shift))``, i = 0 .. half - 1, half =
+    dim // 2 (``freq_shift`` 1: the highest frequency is exactly 1 / max_period, as in Ho et
+    al.'s DDPM code)."""
 
     freqs: Tensor
 
-    def __init__(self, dim: int, max_period: float = 10000.0) -> None:
+    def __init__(self, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> None:
         super().__init__()
         self.dim = dim
         self.max_period = max_period
+        self.freq_shift = freq_shift
         self.register_buffer("freqs", self._freqs(), persistent=False)
 
     def _freqs(self, device: torch.device | None = None) -> Tensor:
         half = self.dim // 2
-        steps = torch.arange(half, dtype=torch.float32, device=device) / half
+        steps = torch.arange(half, dtype=torch.float32, device=device) / (half - self.freq_shift)
         return torch.exp(-math.log(self.max_period) * steps)
 
     def reset_buffers(self, device: torch.device) -> None:
@@ -101,13 +106,19 @@ class UpsampleConv3x3(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Strided 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """Strided 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2).
 
-    def __init__(self, channels: int) -> None:
+    ``padding`` 1 pads every side; 0 pads only the bottom and right by one (TensorFlow's
+    ``SAME`` for a stride-2 3x3 kernel on an even size, as in Ho et al.'s models)."""
+
+    def __init__(self, channels: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor, emb: Tensor, cls_emb: Tensor | None) -> Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 

@@ -87,7 +87,7 @@ class UNet(nn.Module):
         emb_dim = cfg.emb_dim
         ch = cfg.base_channels
 
-        self.time_embed = SinusoidalEmbedding(ch)
+        self.time_embed = SinusoidalEmbedding(ch, freq_shift=cfg.time_freq_shift)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed: nn.Module | None = None
         if cfg.num_classes > 0:
@@ -140,7 +140,7 @@ class UNet(nn.Module):
     def _downsampler(self, ch: int) -> nn.Module:
         if self.config.resample == "resblock":
             return ResBlock(ch, ch, self.config, down=True)
-        return Downsample(ch)
+        return Downsample(ch, self.config.downsample_padding)
 
     def _upsampler(self, ch: int) -> nn.Module:
         if self.config.resample == "resblock":

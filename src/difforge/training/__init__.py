@@ -81,6 +81,8 @@ def prepare_run(
     model_config: Any
     if parent is not None and isinstance(parent.model, ExpertsConfig):  # fine-tuning an ensemble
         model_config = parent.model
+    elif parent is not None:  # the parent's network (an imported run has no preset)
+        model_config = UNetConfig.from_dict(overrides)
     else:
         model_config = UNetConfig.preset(train.preset, **overrides)
     if bounds is not None:

@@ -1,0 +1,1 @@
+"""Runs in and out of other tools' formats: diffusers pipeline folders (`diffusers`)."""

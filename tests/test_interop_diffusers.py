@@ -122,7 +122,9 @@ def test_import_of_a_unet_folder_finds_the_scheduler_beside_it(tmp_path: Path) -
     assert RunConfig.load(tmp_path / "run").diffusion.num_timesteps == 1000
 
 
-def test_imported_run_samples_and_fine_tunes(tmp_path: Path) -> None:
+def test_imported_run_samples_evaluates_and_fine_tunes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     grey = {**SMALL, "in_channels": 1, "out_channels": 1, "sample_size": 8, "block_out_channels": (16, 32)}
     grey.update(
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")
@@ -133,6 +135,10 @@ def test_imported_run_samples_and_fine_tunes(tmp_path: Path) -> None:
     assert main(["sample", str(run), "-n", "2", "--steps", "3", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").is_file()
     assert main(["info", str(run)]) == 0
+    nll = ["eval", "nll", str(run), "--data", "digits", "-n", "4", "--respace", "5", "--quiet"]
+    assert main(nll) == 0
+    capsys.readouterr()
+    assert "--data" in one_line_error(capsys, nll[:3])
     command = [
         "train",
         "digits",

@@ -372,3 +372,18 @@ def test_import_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     config = tmp_path / "edited" / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "layers_per_block": 2}))
     assert "does not fit" in refused(tmp_path / "edited")
+
+
+def test_the_class_conditional_recipe_of_docs_interop_runs(tmp_path: Path) -> None:
+    write_run(tmp_path / "run", UNetConfig.preset("mnist"), DiffusionConfig(num_timesteps=100))
+    exported = str(tmp_path / "export")
+    assert main(["export", str(tmp_path / "run"), "--out", exported]) == 0
+    unet = diffusers.UNet2DModel.from_pretrained(exported, subfolder="unet")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(exported, subfolder="scheduler")
+    assert unet.config.num_class_embeds == 11  # ten classes and the null label
+    scheduler.set_timesteps(2)
+    x, y = torch.randn(8, 1, 32, 32), torch.tensor([3] * 8)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=y).sample, t, x).prev_sample
+    assert x.shape == (8, 1, 32, 32) and torch.isfinite(x).all()

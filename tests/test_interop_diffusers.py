@@ -286,6 +286,7 @@ REFUSED_MODELS = {
     "channel attention": (UNetConfig.preset("tiny", blocks=("res,chn_attn", "res", "res")), "'chn_attn'"),
     "image conditioning": (UNetConfig.preset("tiny", image_cond_channels=3), "image conditioning"),
     "resblock resampling": (UNetConfig.preset("tiny", resample="resblock"), "resblock"),
+    "heads of two widths": (UNetConfig.preset("tiny", attention_resolutions=(32, 16)), "different widths"),
 }
 
 
@@ -296,7 +297,7 @@ def test_export_refuses_what_diffusers_cannot_hold(
     model, words = REFUSED_MODELS[name]
     write_run(tmp_path / "run", model)
     line = one_line_error(capsys, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
-    assert words in line and "exportable presets" in line
+    assert words in line and "the nearest exportable preset is tiny" in line
     assert not (tmp_path / "export").exists()
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from difforge.errors import DifforgeError
-from difforge.nn import UNetConfig
+from difforge.nn import UNet, UNetConfig
 
 EXPORTABLE_PRESETS = ("small", "ddpm-cifar10", "iddpm-cifar10", "mnist", "tiny")
 """The presets whose networks ``UNet2DModel`` holds exactly (the nearest for a refused one)."""
@@ -57,10 +57,34 @@ _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "t
 """Names of diffusers' attention tensors before 0.14 (its ``_from_deprecated_attn_block``)."""
 
 
-def _refuse(what: str) -> DifforgeError:
+def _parameter_count(cfg: UNetConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(cfg).parameters())
+
+
+def nearest_exportable_preset(cfg: UNetConfig) -> tuple[str, int]:
+    """The exportable preset (at the run's size and channels) whose parameter count is closest
+    to the run's network: (name, its parameter count)."""
+    own = _parameter_count(cfg)
+    counts = {
+        name: _parameter_count(
+            UNetConfig.preset(name, image_size=cfg.image_size, in_channels=cfg.in_channels)
+        )
+        for name in EXPORTABLE_PRESETS
+    }
+    name = min(counts, key=lambda n: abs(counts[n] - own))
+    return name, counts[name]
+
+
+def _refuse(what: str, cfg: UNetConfig) -> DifforgeError:
+    try:
+        name, count = nearest_exportable_preset(cfg)
+        nearest = f"; the nearest exportable preset is {name} ({count / 1e6:.2f}M parameters)"
+    except DifforgeError:  # a preset that does not fit the run's size
+        nearest = ""
     return DifforgeError(
         f"{what}: diffusers' UNet2DModel has no such block, so the run cannot be exported "
-        f"(exportable presets: {', '.join(EXPORTABLE_PRESETS)})"
+        f"(exportable presets: {', '.join(EXPORTABLE_PRESETS)}{nearest})"
     )
 
 
@@ -80,7 +104,8 @@ def _attention_head_dim(cfg: UNetConfig, attention_channels: list[int]) -> int |
     if len(widths) > 1:
         raise _refuse(
             f"num_heads={cfg.num_heads} at attention levels of {' and '.join(map(str, widths))} channels "
-            "gives heads of different widths (diffusers has one attention_head_dim; use head_channels)"
+            "gives heads of different widths (diffusers has one attention_head_dim; use head_channels)",
+            cfg,
         )
     return widths[0] // cfg.num_heads
 
@@ -89,26 +114,26 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     """The ``UNet2DModel`` config (every key explicit) of the same network, or a one-line
     DifforgeError naming the first part diffusers cannot hold."""
     if cfg.multi_label:
-        raise _refuse("multi-label conditioning (a linear embedding of multi-hot labels)")
+        raise _refuse("multi-label conditioning (a linear embedding of multi-hot labels)", cfg)
     if cfg.image_cond_channels:
-        raise _refuse("image conditioning (condition channels concatenated to the input)")
+        raise _refuse("image conditioning (condition channels concatenated to the input)", cfg)
     if cfg.resample != "conv":
-        raise _refuse(f"resample={cfg.resample!r} (residual blocks that resample)")
+        raise _refuse(f"resample={cfg.resample!r} (residual blocks that resample)", cfg)
     if cfg.base_channels % 2:
-        raise _refuse(f"an odd timestep-feature width ({cfg.base_channels})")
+        raise _refuse(f"an odd timestep-feature width ({cfg.base_channels})", cfg)
     down_types, attention_channels = [], []
     for level in range(cfg.num_levels):
         recipe = cfg.level_recipe(level)
         if recipe not in (("res",), ("res", "attn")):
             odd = next((k for k in recipe if k not in ("res", "attn")), ",".join(recipe))
-            raise _refuse(f"the {odd!r} block of level {level} (recipe {','.join(recipe)!r})")
+            raise _refuse(f"the {odd!r} block of level {level} (recipe {','.join(recipe)!r})", cfg)
         attends = "attn" in recipe
         down_types.append("AttnDownBlock2D" if attends else "DownBlock2D")
         if attends:
             attention_channels.append(cfg.level_channels(level))
     mid = cfg.mid_recipe()
     if mid not in (("res", "attn", "res"), ("res", "res")):
-        raise _refuse(f"the bottleneck {','.join(mid)!r} (diffusers has res,attn,res or res,res)")
+        raise _refuse(f"the bottleneck {','.join(mid)!r} (diffusers has res,attn,res or res,res)", cfg)
     if "attn" in mid:
         attention_channels.append(cfg.level_channels(cfg.num_levels - 1))
     up_types = [t.replace("Down", "Up") for t in reversed(down_types)]
@@ -346,7 +371,7 @@ def state_dict_to_diffusers(cfg: UNetConfig, state: Mapping[str, torch.Tensor]) 
             used.add(key)
     left = sorted(set(state) - used)
     if left:  # a block this module does not know: never export half a network
-        raise _refuse(f"the tensors {', '.join(left[:3])}")
+        raise _refuse(f"the tensors {', '.join(left[:3])}", cfg)
     return out
 
 

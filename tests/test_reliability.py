@@ -86,6 +86,20 @@ def test_plain_resume_finishes_the_saved_plan(tmp_path: Path, capsys) -> None:
     assert _same_weights(straight, resumed)
 
 
+def test_a_decaying_lr_schedule_resumes_bit_exactly(tmp_path: Path) -> None:
+    plan = {"lr_schedule": "step", "lr_decay_every": 2, "lr_decay_factor": 0.3, "lr_min": 1e-5}
+    first = _trainer(tmp_path / "run", steps=6, checkpoint_every=3, warmup_steps=1, **plan)
+    first.train(stop_after=3)
+    resumed = _trainer(tmp_path / "run", steps=6, checkpoint_every=3, warmup_steps=1, **plan)
+    resumed.resume()
+    resumed.train()
+    straight = _trainer(tmp_path / "straight", steps=6, checkpoint_every=3, warmup_steps=1, **plan)
+    straight.train()
+    assert _same_weights(straight, resumed)
+    assert [resumed.lr_at(s) for s in range(6)] == [straight.lr_at(s) for s in range(6)]
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"] < 1e-3
+
+
 def test_flags_on_resume_apply_or_are_refused(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     _trainer(run, steps=3).train()

@@ -157,3 +157,35 @@ def test_trainer_fixes_or_adapts_threads_from_its_config(tmp_path, monkeypatch: 
                 assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_linear_and_step_schedules_closed_forms() -> None:
+    lr, warmup, total = 1e-3, 10, 110
+    assert learning_rate(lr, 9, warmup, total, "linear", lr_min=1e-4) == pytest.approx(lr)  # warm-up end
+    assert learning_rate(lr, 60, warmup, total, "linear", lr_min=1e-4) == pytest.approx(lr - 0.9e-3 * 0.5)
+    assert learning_rate(lr, 500, warmup, total, "linear", lr_min=1e-4) == pytest.approx(1e-4)  # the floor
+    assert learning_rate(lr, 60, warmup, total, "cosine", lr_min=2e-4) == pytest.approx(2e-4 + 8e-4 * 0.5)
+    step = [
+        learning_rate(lr, s, warmup, total, "step", decay_every=25, decay_factor=0.1, lr_min=2e-6)
+        for s in (10, 34, 35, 60, 85)
+    ]
+    assert step == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5, 2e-6])
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"lr_schedule": "step"}, "--lr-decay-every"),
+        ({"lr_schedule": "cosine", "lr_decay_every": 10}, "applies to --lr-schedule step"),
+        ({"lr_min": 1e-4}, "--lr-min is the floor"),
+        ({"lr_schedule": "linear", "lr_min": 1.0}, "--lr-min"),
+        ({"lr_schedule": "step", "lr_decay_every": 5, "lr_decay_factor": 0.0}, "--lr-decay-factor"),
+        ({"lr_schedule": "exponential"}, "constant, cosine, linear, step"),
+    ],
+)
+def test_bad_lr_plans_are_refused(settings: dict, words: str) -> None:
+    from difforge.errors import DifforgeError
+    from difforge.runs.config import TrainConfig
+
+    with pytest.raises(DifforgeError, match=words):
+        TrainConfig(**settings).validate()

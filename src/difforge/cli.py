@@ -58,7 +58,11 @@ _TRAIN_HELP = {
     "grad_accum": "micro-batches accumulated per optimizer step",
     "lr": "AdamW learning rate (after the warm-up)",
     "warmup_steps": "linear learning-rate warm-up steps",
-    "lr_schedule": "learning rate after the warm-up: constant, or cosine (decays towards 0 over the run)",
+    "lr_schedule": "learning rate after the warm-up: constant; cosine or linear (decay to --lr-min over "
+    "the run); step (times --lr-decay-factor every --lr-decay-every steps)",
+    "lr_min": "the floor of the cosine, linear and step schedules",
+    "lr_decay_every": "steps between two decays of the step schedule",
+    "lr_decay_factor": "factor of each decay of the step schedule",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the gradient norm to this (0 = off)",
     "ema_decay": "EMA decay of the weights used for sampling",

@@ -33,7 +33,9 @@ SUPERRES_COND_NOISE_MAX = 0.5
 """The default training range of a super-resolution stage's noise augmentation, s ~ U(0, 0.5)."""
 MAX_COND_BLUR = 4.0
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear", "step")
+LR_DECAY_FACTOR = 0.5
+"""The step schedule's default factor per decay."""
 MAX_IMAGE_SIZE = 2048
 """The largest training resolution accepted (a 2048^2 batch of 64 is already ~3 GB of input)."""
 
@@ -61,9 +63,13 @@ class TrainConfig:
         grad_accum: micro-batches accumulated per optimizer step.
         lr / warmup_steps / weight_decay / grad_clip: AdamW with a linear warm-up;
             gradient norm clipping (0 = off).
-        lr_schedule: the learning rate after the warm-up: ``constant``, or ``cosine``
-            (lr * (1 + cos(pi p)) / 2 at progress p from the end of the warm-up to the last
-            step, down to 0; Loshchilov & Hutter 2017 without restarts).
+        lr_schedule: the learning rate after the warm-up: ``constant``; ``cosine`` (lr_min +
+            (lr - lr_min) (1 + cos(pi p)) / 2 at progress p from the end of the warm-up to the
+            last step; Loshchilov & Hutter 2017 without restarts); ``linear`` (from lr down to
+            lr_min); ``step`` (times lr_decay_factor every lr_decay_every steps, not below
+            lr_min). `difforge.training.trainer.learning_rate` has the closed forms.
+        lr_min: the floor of the cosine, linear and step schedules.
+        lr_decay_every / lr_decay_factor: the step schedule's interval and factor.
         ema_decay: EMA of the weights; the decay warms up as min(decay, (1 + n) / (10 + n)).
         p_uncond: probability of replacing each condition by its null, each kind on its own
             draw (classifier-free guidance).
@@ -125,6 +131,9 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_decay_every: int = 0
+    lr_decay_factor: float = LR_DECAY_FACTOR
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -190,10 +199,7 @@ class TrainConfig:
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
             known = ", ".join(TIMESTEP_SAMPLERS)
             raise DifforgeError(f"--timestep-sampler must be one of {known}, got {self.timestep_sampler!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise DifforgeError(
-                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
-            )
+        self._validate_lr_plan()
         if self.mixed_precision not in MIXED_PRECISION:
             raise DifforgeError(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
@@ -220,6 +226,24 @@ class TrainConfig:
                 f"--preview-sampler must be one of {', '.join(sampler_names())}; got {self.preview_sampler!r}"
             )
         return self
+
+    def _validate_lr_plan(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DifforgeError(
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        check_number("--lr-min", self.lr_min, low=0, high=self.lr)
+        check_number("--lr-decay-every", self.lr_decay_every, low=0, integer=True)
+        check_number("--lr-decay-factor", self.lr_decay_factor, low=0, high=1, low_open=True)
+        if self.lr_schedule == "step" and self.lr_decay_every == 0:
+            raise DifforgeError("--lr-schedule step needs --lr-decay-every N (steps between decays)")
+        if self.lr_schedule != "step" and (self.lr_decay_every or self.lr_decay_factor != LR_DECAY_FACTOR):
+            flag = "--lr-decay-every" if self.lr_decay_every else "--lr-decay-factor"
+            raise DifforgeError(f"{flag} applies to --lr-schedule step (the run has {self.lr_schedule})")
+        if self.lr_schedule == "constant" and self.lr_min:
+            raise DifforgeError(
+                "--lr-min is the floor of a decaying schedule: add --lr-schedule cosine, linear or step"
+            )
 
     def _validate_conditions(self) -> None:
         if self.task not in TASKS:

@@ -88,18 +88,40 @@ def deferred_interrupt() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def learning_rate(lr: float, step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+def learning_rate(
+    lr: float,
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    *,
+    lr_min: float = 0.0,
+    decay_every: int = 0,
+    decay_factor: float = 0.5,
+) -> float:
     """lr of 0-based step ``step``: lr min(1, (step + 1) / warmup_steps) during the warm-up;
-    after it, ``constant`` keeps lr and ``cosine`` gives lr (1 + cos(pi p)) / 2 with
-    p = (step - warmup_steps) / (total_steps - warmup_steps) in [0, 1) (no step is wasted at
-    lr 0). The decay spans ``total_steps`` of the run's plan (a resume with more --steps
-    stretches what is left of it)."""
+    after it, with p = (step - warmup_steps) / (total_steps - warmup_steps) in [0, 1) (no step
+    is wasted at the floor) and k = (step - warmup_steps) // decay_every:
+
+    - ``constant``: lr;
+    - ``cosine``: lr_min + (lr - lr_min) (1 + cos(pi p)) / 2 (Loshchilov & Hutter 2017);
+    - ``linear``: lr - (lr - lr_min) p;
+    - ``step``: max(lr_min, lr decay_factor^k).
+
+    A pure function of the step, so a resumed run continues it exactly. The decay spans
+    ``total_steps`` of the run's plan (a resume with more --steps stretches what is left of
+    it); past the plan, the floor."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    after = step - warmup_steps
+    if schedule == "step":
+        return max(lr_min, lr * decay_factor ** (after // decay_every))
     if schedule == "constant" or total_steps <= warmup_steps:
         return lr
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = min(1.0, after / (total_steps - warmup_steps))
+    if schedule == "linear":
+        return lr - (lr - lr_min) * progress
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -216,7 +238,16 @@ class Trainer:
         phase = self.expert_phase(step)
         if phase is not None:
             _, start, length = phase
-        return learning_rate(config.lr, step - start, config.warmup_steps, length, config.lr_schedule)
+        return learning_rate(
+            config.lr,
+            step - start,
+            config.warmup_steps,
+            length,
+            config.lr_schedule,
+            lr_min=config.lr_min,
+            decay_every=config.lr_decay_every,
+            decay_factor=config.lr_decay_factor,
+        )
 
     def expert_phase(self, step: int) -> tuple[int, int, int] | None:
         """(expert, its first step, its number of steps) at ``step`` for an expert ensemble

@@ -18,7 +18,13 @@ from typing import Any, NoReturn
 
 from difforge import __version__
 from difforge.errors import DifforgeError, check_number
-from difforge.flags import add_alternative_flags, add_dataclass_flags, dataclass_values, field_default
+from difforge.flags import (
+    add_alternative_flags,
+    add_dataclass_flags,
+    add_override_flags,
+    dataclass_values,
+    field_default,
+)
 
 EXIT_USAGE = 2
 
@@ -105,6 +111,50 @@ _TRAIN_HELP = {
 }
 
 
+_MODEL_HELP = {
+    "base_channels": "channels of the first (full-resolution) level",
+    "channel_mult": "channel multiplier per level, e.g. 1,2,2,4: one level per number, each but the last "
+    "followed by a 2x downsampling",
+    "num_res_blocks": "units per level on the way down (the way up has one more)",
+    "attention_resolutions": "feature-map sides whose levels get self-attention, e.g. 16,8, or none",
+    "num_heads": "attention heads (when --head-channels is not given)",
+    "head_channels": "channels per attention head (heads = channels / this)",
+    "dropout": "dropout in every residual block",
+    "norm_groups": "GroupNorm groups",
+    "resample": "conv (strided conv down, nearest + conv up) or resblock (BigGAN / ADM residual resampling)",
+    "scale_shift": "AdaGN scale-shift conditioning of the residual blocks (else an added bias, as DDPM)",
+    "blocks": "per-level recipe, one per level separated by /, e.g. res/res,attn/convnext,cls_attn,chn_attn; "
+    "kinds: res, convnext, attn, linear_attn, cls_attn, chn_attn",
+    "mid_blocks": "the bottleneck's recipe, e.g. res,attn,res",
+    "convnext_mult": "hidden-width multiplier of ConvNeXt blocks",
+    "cls_attn_tokens": "key/value tokens a cls_attn block makes from the class embedding",
+    "time_embed_dim": "width of the timestep and class embedding (default: 4 x --base-channels)",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory, one more forward)",
+}
+"""The U-Net's fields that are `difforge train` flags: applied on top of ``--preset`` (each
+flag's default is the preset's), saved in config.json with the rest of the network."""
+_MODEL_FLAG_NAMES = {"attention_resolutions": "--attention-res"}
+
+_TRAIN_GROUPS = {
+    "data and conditioning": (
+        "image_size", "channels", "class_folders", "conditional", "random_crop", "hflip", "labels",
+        "cond_dir", "task", "low_res", "cond_noise_max", "cond_blur", "p_uncond", "num_workers",
+    ),
+    "model (the preset, then these on top of it)": (
+        "preset", "init_from", "experts", "expert_bounds", "expert_channels",
+    ),
+    "process": ("timestep_sampler",),
+    "optimisation": (
+        "steps", "epochs", "batch_size", "grad_accum", "lr", "warmup_steps", "lr_schedule", "lr_min",
+        "lr_decay_every", "lr_decay_factor", "weight_decay", "grad_clip", "ema_decay", "mixed_precision",
+        "seed", "threads", "max_nonfinite_steps",
+    ),
+    "previews": ("sample_every", "preview_images", "preview_sampler", "preview_steps"),
+    "checkpoints and logs": ("checkpoint_every", "keep_checkpoints", "log_every", "tensorboard"),
+}  # fmt: skip
+"""The sections of ``difforge train --help``; every train flag is in one."""
+
+
 def _process_flag_help() -> dict[str, str]:
     """Field -> help of every process kind's flags (the first kind's text for a shared field)."""
     from difforge.process import PROCESS_KINDS
@@ -117,6 +167,7 @@ def _process_flag_help() -> dict[str, str]:
 
 
 def _add_train(subparsers: Any) -> None:
+    from difforge.nn import UNetConfig
     from difforge.process import PROCESS_KINDS
     from difforge.runs.config import TrainConfig
 
@@ -142,15 +193,33 @@ def _add_train(subparsers: Any) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_dataclass_flags(parser, TrainConfig, _TRAIN_HELP, "train.")
     parser.add_argument(
-        "--process",
-        dest="process_kind",
+        "--betas",
         default=None,
-        help=f"the forward process: {', '.join(PROCESS_KINDS)} "
-        "(default: gaussian; with --resume: the run's own)",
+        metavar="FILE",
+        help="a custom beta schedule: T numbers in a text file (commas or white space) or a .npy array",
     )
-    add_alternative_flags(parser, PROCESS_KINDS, _process_flag_help(), "diffusion.", _FLAG_NAMES)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read the data and build the model, print the architecture, train nothing and write nothing",
+    )
+    groups = {title: parser.add_argument_group(title) for title in _TRAIN_GROUPS}
+    for title, names in _TRAIN_GROUPS.items():
+        add_dataclass_flags(groups[title], TrainConfig, {n: _TRAIN_HELP[n] for n in names}, "train.")
+        if title.startswith("model"):
+            add_override_flags(groups[title], UNetConfig, _MODEL_HELP, "model.", _MODEL_FLAG_NAMES)
+        if title == "process":
+            groups[title].add_argument(
+                "--process",
+                dest="process_kind",
+                default=None,
+                help=f"the forward process: {', '.join(PROCESS_KINDS)} "
+                "(default: gaussian; with --resume: the run's own)",
+            )
+            add_alternative_flags(
+                groups[title], PROCESS_KINDS, _process_flag_help(), "diffusion.", _FLAG_NAMES
+            )
     parser.set_defaults(func=_run_train)
 
 
@@ -264,6 +333,101 @@ def _process_config(kind: str | None, values: dict[str, Any]) -> Any:
     return config_class(**given)
 
 
+def _model_flag(name: str) -> str:
+    return _MODEL_FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _in_flag_names(error: DifforgeError) -> DifforgeError:
+    """``UNetConfig.channel_mult ...`` -> ``--channel-mult ...``: the flag the user typed."""
+    text = str(error)
+    for name in _MODEL_HELP:
+        text = text.replace(f"UNetConfig.{name}", _model_flag(name))
+    return DifforgeError(text)
+
+
+def _check_model_flags(train: Any, model_values: dict[str, Any]) -> None:
+    """The preset with the model flags, built before any data is read (at the asked size; with
+    one class, so a recipe with cls_attn waits for the data to say whether it has classes)."""
+    from difforge.nn import UNetConfig
+    from difforge.runs.config import DEFAULT_IMAGE_SIZE
+
+    if not model_values:
+        return
+    size = train.image_size or DEFAULT_IMAGE_SIZE
+    try:
+        UNetConfig.preset(train.preset, image_size=size, num_classes=1, **model_values)
+    except DifforgeError as error:
+        message = str(_in_flag_names(error))
+        if "--attention-res" in message and "attention_resolutions" not in model_values:
+            message += (
+                f"; they are the {train.preset} preset's: give --attention-res with sides of these levels, "
+                "or --attention-res none"
+            )
+        raise DifforgeError(message) from None
+
+
+def _custom_schedule(path: str, diffusion_values: dict[str, Any]) -> dict[str, Any]:
+    """``--betas FILE``: T numbers (text, separated by commas or white space, or a .npy
+    array), the schedule ``custom`` with T timesteps; validated as any schedule."""
+    import numpy as np
+
+    from difforge.diffusion import CUSTOM_SCHEDULE
+    from difforge.schedule import NoiseSchedule
+
+    file = Path(path)
+    if not file.is_file():
+        raise DifforgeError(f"--betas {path}: no such file")
+    try:
+        if file.suffix == ".npy":
+            values = np.load(file, allow_pickle=False)
+        else:
+            text = file.read_text(encoding="utf-8").replace(",", " ")
+            values = np.array([float(v) for v in text.split()])
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise DifforgeError(f"--betas {path}: not a list of numbers ({error})") from None
+    try:
+        NoiseSchedule(values)
+    except DifforgeError as error:
+        raise DifforgeError(f"--betas {path}: {error}") from None
+    for name in ("schedule", "beta_start", "beta_end"):
+        if diffusion_values.get(name) is not None:
+            raise DifforgeError(f"--betas gives the whole schedule: drop {_flag(name)}")
+    steps = diffusion_values.get("num_timesteps")
+    if steps is not None and steps != len(values):
+        raise DifforgeError(f"--betas {path} holds {len(values)} betas, --timesteps says {steps}")
+    return {
+        "schedule": CUSTOM_SCHEDULE,
+        "betas": [float(v) for v in values.ravel()],
+        "num_timesteps": len(values),
+    }
+
+
+def _print_dry_run(run_config: Any, dataset: Any) -> None:
+    print(
+        f"dry run: {run_config.train.preset} {_model_name(run_config)} on {dataset.source} ({len(dataset)} "
+        f"images, {dataset.num_classes} classes, {dataset.image_size}x{dataset.image_size}x"
+        f"{dataset.channels}); "
+        "nothing trained, nothing written"
+    )
+    for line in _architecture_lines(run_config.model):
+        print(f"  {line}")
+
+
+def _architecture_lines(model: Any) -> list[str]:
+    """`difforge.nn.summary.describe_unet` of a U-Net, or of each expert of an ensemble."""
+    from difforge.nn.summary import describe_unet
+
+    networks = getattr(model, "experts", None)
+    if networks is None:
+        return describe_unet(model)
+    lines = []
+    for number, network in enumerate(networks):
+        low, high = model.bounds[number], model.bounds[number + 1]
+        lines.append(f"expert {number} (t in [{low}, {high})):")
+        lines.extend(f"  {line}" for line in describe_unet(network))
+    return lines
+
+
 def _resume(trainer: Any, out: Path, is_main: bool) -> None:
     """Load the newest intact checkpoint, or start the saved plan from step 0 when the run
     was stopped before its first one."""
@@ -289,10 +453,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
     train_values = dataclass_values(args, "train.")
     diffusion_values = dataclass_values(args, "diffusion.")
+    model_values = {k: v for k, v in dataclass_values(args, "model.").items() if v is not None}
+    if args.betas is not None:
+        diffusion_values.update(_custom_schedule(args.betas, diffusion_values))
     data = args.data if args.data is not None else field_default(TrainConfig, "data")
     train_values["data"] = data
     ctx = _distributed_context()
     out = Path(args.out) if args.out else Path("runs") / Path(str(data).rstrip("/")).name
+    if model_values and (args.resume or train_values.get("init_from") is not None):
+        how = "when resuming" if args.resume else "with --init-from"
+        raise DifforgeError(f"{_model_flag(next(iter(model_values)))}: {how} the network is the run's own")
     if args.resume:
         saved = RunConfig.load(out)
         (train_config, changes), process_config = _resumed_plan(saved, args), saved.diffusion
@@ -314,12 +484,19 @@ def _run_train(args: argparse.Namespace) -> int:
                     f"{given[0]}: with --init-from the model, its size and the process are the parent run's"
                 )
         process_config = _process_config(args.process_kind, diffusion_values)
-        model_overrides = None
+        model_overrides = model_values
         changes = []
+        _check_model_flags(train_config, model_values)
     device = resolve_device(args.device)
     if device.type == "cuda" and ctx.world_size > 1:
         device = torch.device("cuda", ctx.local_rank)
-    model, process, dataset, run_config = prepare_run(train_config, process_config, model_overrides)
+    try:
+        model, process, dataset, run_config = prepare_run(train_config, process_config, model_overrides)
+    except DifforgeError as error:
+        raise _in_flag_names(error) from None
+    if args.dry_run:
+        _print_dry_run(run_config, dataset)
+        return 0
     trainer = Trainer(
         model,
         process,
@@ -842,6 +1019,8 @@ def _run_info(args: argparse.Namespace) -> int:
         f"model:      {config.train.preset} {_model_name(config)}, "
         f"{model.image_size}x{model.image_size}x{model.in_channels}"
     )
+    for line in _architecture_lines(model):
+        print(f"            {line}")
     bounds = getattr(model, "bounds", None)
     if bounds is not None:
         ranges = ", ".join(f"[{low}, {high})" for low, high in zip(bounds, bounds[1:], strict=False))

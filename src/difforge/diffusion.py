@@ -195,6 +195,8 @@ class DiffusionConfig:
         "vlb_weight": "lambda of the hybrid loss",
         "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default: off)",
         "huber_delta": "Huber loss transition point",
+        "beta_start": "first beta of the linear, quadratic or sigmoid schedule (default: 1e-4 x 1000 / T)",
+        "beta_end": "last beta of the linear, quadratic or sigmoid schedule (default: 0.02 x 1000 / T)",
     }
     """The ``difforge train`` help of each field that has a flag."""
 

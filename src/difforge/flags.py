@@ -99,3 +99,53 @@ def add_alternative_flags(
 def dataclass_values(args: argparse.Namespace, dest_prefix: str) -> dict[str, Any]:
     """The flags `add_dataclass_flags` stored under ``dest_prefix``, by field name."""
     return {k[len(dest_prefix) :]: v for k, v in vars(args).items() if k.startswith(dest_prefix)}
+
+
+def _list_parser(item: type, separator: str, what: str) -> Any:
+    def parse(text: str) -> tuple[Any, ...]:
+        if text.strip().lower() == "none":
+            return ()
+        parts = [p.strip() for p in text.split(separator)]
+        if not text.strip() or any(not p for p in parts):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        try:
+            return tuple(item(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    return parse
+
+
+def add_override_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    helps: Mapping[str, str],
+    dest_prefix: str,
+    flag_names: Mapping[str, str] | None = None,
+    base: str = "the preset's",
+) -> None:
+    """Flags for fields of ``cls`` named in ``helps`` whose parsed default is None, meaning
+    "not given: keep the base's value" (``base`` names it in the help: a preset's, for the
+    U-Net's fields). A tuple of ints
+    is written ``1,2,2,4``; a tuple of strings ``res/res,attn`` (one item per ``/``); either
+    ``none`` for an empty one; a bool ``--x/--no-x``."""
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in helps:
+            continue
+        flag = (flag_names or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        dest, text, annotation = dest_prefix + f.name, str(f.type), field_default(cls, f.name)
+        if isinstance(annotation, bool):
+            parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name]
+            )
+            continue
+        kind: Any
+        if text.startswith("tuple[int"):
+            kind = _list_parser(int, ",", "whole numbers separated by commas, e.g. 1,2,2")
+        elif text.startswith("tuple[str"):
+            kind = _list_parser(str, "/", "one recipe per level separated by /, e.g. res/res,attn")
+        else:
+            kind = _value_type(annotation, f.type)
+        parser.add_argument(
+            flag, dest=dest, type=kind, default=None, metavar=f.name.upper(), help=helps[f.name]
+        )

@@ -86,7 +86,7 @@ def named_betas(
     num_steps = int(num_steps)
     if (beta_start is not None or beta_end is not None) and name not in ENDPOINT_SCHEDULES:
         raise DifforgeError(
-            f"beta_start / beta_end set the endpoints of the {', '.join(ENDPOINT_SCHEDULES)} "
+            f"--beta-start / --beta-end set the endpoints of the {', '.join(ENDPOINT_SCHEDULES)} "
             f"schedules; the {name} schedule has none"
         )
     default_start, default_end = default_linear_endpoints(num_steps)

@@ -228,7 +228,7 @@ class UNetConfig:
                 )
         if self.blocks is not None and len(self.blocks) != self.num_levels:
             raise DifforgeError(
-                f"UNetConfig.blocks has {len(self.blocks)} recipes but channel_mult has "
+                f"UNetConfig.blocks has {len(self.blocks)} recipes but UNetConfig.channel_mult has "
                 f"{self.num_levels} levels"
             )
         channels = [self.level_channels(i) for i in range(self.num_levels)]
@@ -261,8 +261,8 @@ class UNetConfig:
                     )
             if "cls_attn" in recipe and self.num_classes == 0:
                 raise DifforgeError(
-                    f"UNetConfig.{name} uses cls_attn, which attends to the class embedding; "
-                    "set num_classes > 0"
+                    f"UNetConfig.{name} uses cls_attn, which attends to the class embedding: it needs "
+                    "class conditioning (num_classes > 0, labelled data)"
                 )
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -1,0 +1,164 @@
+"""Every knob from the command line: model flags on top of a preset, beta endpoints and custom
+betas, `train --dry-run` and the architecture `info` prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import one_line_error
+
+from difforge.cli import main
+from difforge.nn import UNetConfig
+from difforge.nn.summary import forward_flops, parameter_count
+from difforge.runs import RunConfig
+
+pytest.importorskip("sklearn", reason="the digits dataset comes with the [datasets] extra")
+
+FAST = ["--steps", "1", "--batch-size", "4", "--no-progress", "--no-tensorboard", "--preview-images", "2",
+        "--preview-steps", "2", "--timesteps", "50", "--warmup-steps", "0"]  # fmt: skip
+
+COMBINATIONS = {
+    "widths and depth": (
+        ["--base-channels", "24", "--channel-mult", "1,2", "--num-res-blocks", "2", "--attention-res", "8",
+         "--norm-groups", "8"],
+        dict(base_channels=24, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(8,),
+             norm_groups=8),
+    ),
+    "recipes": (
+        ["--channel-mult", "1,2,2", "--blocks", "res/convnext,linear_attn/res,cls_attn,chn_attn",
+         "--mid-blocks", "res,res", "--attention-res", "none", "--head-channels", "16"],
+        dict(channel_mult=(1, 2, 2), blocks=("res", "convnext,linear_attn", "res,cls_attn,chn_attn"),
+             mid_blocks="res,res", attention_resolutions=(), head_channels=16),
+    ),
+    "embedding and regularisation": (
+        ["--dropout", "0.2", "--time-embed-dim", "96", "--no-scale-shift", "--resample", "resblock",
+         "--gradient-checkpointing", "--num-heads", "4"],
+        dict(dropout=0.2, time_embed_dim=96, scale_shift=False, resample="resblock",
+             gradient_checkpointing=True, num_heads=4),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+def test_model_flags_build_the_network_python_builds(name: str, tmp_path: Path, capsys) -> None:
+    flags, fields = COMBINATIONS[name]
+    run = tmp_path / "run"
+    assert main(["train", "digits", "--image-size", "16", *FAST, *flags, "--out", str(run)]) == 0
+    saved = RunConfig.load(run).model
+    expected = UNetConfig.preset("mnist", image_size=16, num_classes=10, **fields)
+    assert saved == expected
+    assert parameter_count(saved) == parameter_count(expected)
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{parameter_count(expected) / 1e6:.2f}M parameters" in out
+    assert f"{forward_flops(expected) / 1e9:.3g} GFLOPs per 16x16 image" in out
+
+
+def test_dry_run_prints_the_architecture_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "digits", "--image-size", "16", "--channel-mult", "1,2", "--attention-res", "8"]
+    assert main([*argv, "--dry-run", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing trained, nothing written" in out
+    assert "level 1  8x8  64 ch  down 1 x res,attn  up 2 x res,attn, 2 heads" in out
+    assert "bottleneck  8x8  64 ch  res,attn,res" in out
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--attention-res", "2"], "--attention-res contains 2, a resolution the network never reaches"),
+        (["--channel-mult", "1,2"], "they are the mnist preset's: give --attention-res"),
+        (
+            ["--channel-mult", "1,2,2", "--blocks", "res/res"],
+            "--blocks has 2 recipes but --channel-mult has 3",
+        ),
+        (["--num-heads", "3"], "--num-heads=3 does not divide the 64 channels"),
+        (["--head-channels", "48"], "--head-channels=48 does not divide"),
+        (["--blocks", "res/res,mlp/res"], "unknown block kind 'mlp'; valid kinds: res, convnext"),
+        (["--resample", "pixelshuffle"], "--resample must be one of conv, resblock"),
+        (["--channel-mult", "1,2,x"], "--channel-mult: expected whole numbers"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--beta-start", "0", "--beta-end", "0.02"], "--beta-start must be a number in (0, 1)"),
+        (["--beta-start", "0.02", "--beta-end", "0.01"], "--beta-start 0.02 must be below --beta-end 0.01"),
+        (["--beta-end", "1.2"], "--beta-end must be a number in (0, 1)"),
+        (["--schedule", "cosine", "--beta-end", "0.01"], "the cosine schedule has none"),
+    ],
+)
+def test_bad_knobs_are_one_line_errors(flags: list[str], words: str, tmp_path: Path, capsys) -> None:
+    line = one_line_error(capsys, ["train", "digits", *flags, "--dry-run", "--out", str(tmp_path / "run")])
+    assert words in line, line
+
+
+def test_model_flags_do_not_change_a_resumed_or_parent_run(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "digits", "--image-size", "16", *FAST, "--out", str(run)]) == 0
+    capsys.readouterr()
+    resumed = ["train", "--resume", "--out", str(run), "--base-channels", "16"]
+    assert "--base-channels: when resuming the network is the run's own" in one_line_error(capsys, resumed)
+    child = ["train", "digits", "--init-from", str(run), "--dropout", "0.1", "--out", str(tmp_path / "child")]
+    assert "--dropout: with --init-from the network is the run's own" in one_line_error(capsys, child)
+
+
+def test_beta_endpoints_and_custom_betas_reach_the_run(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "digits", "--image-size", "16", *FAST, "--beta-start", "5e-3", "--beta-end", "9e-3"]
+    assert main([*argv, "--out", str(run)]) == 0
+    process = RunConfig.load(run).diffusion
+    assert (process.beta_start, process.beta_end) == (5e-3, 9e-3)
+    np.testing.assert_allclose(process.build().schedule.betas, np.linspace(5e-3, 9e-3, 50), rtol=0, atol=0)
+
+    betas = np.linspace(1e-3, 0.05, 40)
+    text = tmp_path / "betas.txt"
+    text.write_text(", ".join(repr(float(b)) for b in betas))
+    custom = tmp_path / "custom"
+    argv = ["train", "digits", "--image-size", "16", *[a for a in FAST if a not in ("--timesteps", "50")]]
+    assert main([*argv, "--betas", str(text), "--out", str(custom)]) == 0
+    saved = RunConfig.load(custom).diffusion
+    assert saved.schedule == "custom" and saved.num_timesteps == 40
+    np.testing.assert_array_equal(saved.build().schedule.betas, betas)
+    np.save(tmp_path / "betas.npy", betas)
+    dry = [*argv, "--betas", str(tmp_path / "betas.npy"), "--dry-run", "--out", str(tmp_path / "npy")]
+    assert main(dry) == 0
+    capsys.readouterr()
+
+    (tmp_path / "falling.txt").write_text("0.02 0.01 0.03")
+    bad = {
+        "falling.txt": "non-decreasing",
+        "missing.txt": "no such file",
+        "betas.txt --timesteps 50": "holds 40 betas, --timesteps says 50",
+        "betas.txt --schedule linear": "drop --schedule",
+    }
+    (tmp_path / "words.txt").write_text("0.1 zero")
+    bad["words.txt"] = "not a list of numbers"
+    for spec, words in bad.items():
+        name, *more = spec.split()
+        line = one_line_error(
+            capsys, ["train", "digits", "--betas", str(tmp_path / name), *more, "--dry-run"]
+        )
+        assert words in line, line
+
+
+def test_train_help_is_grouped(capsys) -> None:
+    from difforge.cli import _TRAIN_GROUPS, _TRAIN_HELP
+
+    grouped = [name for names in _TRAIN_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(_TRAIN_HELP)  # every train flag in exactly one section
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    sections = [
+        "data and conditioning:",
+        "model (the preset",
+        "process:",
+        "optimisation:",
+        "previews:",
+        "checkpoints and logs:",
+    ]
+    assert all(s in out for s in sections)
+    model_section = out.split("model (the preset")[1].split("\nprocess:\n")[0]
+    assert "--channel-mult" in model_section and "--attention-res" in model_section

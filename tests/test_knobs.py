@@ -162,3 +162,34 @@ def test_train_help_is_grouped(capsys) -> None:
     assert all(s in out for s in sections)
     model_section = out.split("model (the preset")[1].split("\nprocess:\n")[0]
     assert "--channel-mult" in model_section and "--attention-res" in model_section
+
+
+def test_preview_switches(tmp_path: Path, capsys) -> None:
+    base = ["train", "digits", "--image-size", "16", *FAST]
+    none = tmp_path / "none"
+    assert main([*base, "--no-previews", "--out", str(none)]) == 0
+    assert not list(none.glob("samples/*.png"))
+    epochs = tmp_path / "epochs"
+    # 1797 digits in batches of 64: 29 steps an epoch (the last batch is dropped: 28)
+    argv = [a if a != "1" else "60" for a in base]
+    assert main([*argv, "--batch-size", "64", "--sample-every-epoch", "--out", str(epochs)]) == 0
+    grids = sorted(p.name for p in (epochs / "samples").glob("step_*.png"))
+    assert grids == ["step_00000028.png", "step_00000056.png", "step_00000060.png"]  # 2 epochs, the end
+    capsys.readouterr()
+    line = one_line_error(capsys, [*base, "--no-previews", "--sample-every-epoch", "--dry-run"])
+    assert "--sample-every-epoch with --no-previews" in line
+
+
+def test_sample_prefix_names_the_image_files(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "digits", "--image-size", "16", *FAST, "--no-previews", "--out", str(run)]) == 0
+    images = tmp_path / "images"
+    sample = ["sample", str(run), "-n", "2", "--steps", "2", "--no-grid", "--images-dir", str(images)]
+    assert main([*sample, "--prefix", "seed0-"]) == 0
+    assert sorted(p.name for p in images.iterdir()) == ["seed0-00000.png", "seed0-00001.png"]
+    capsys.readouterr()
+    assert "use at most 64 letters" in one_line_error(capsys, [*sample, "--prefix", "../up"])
+    assert "add --images-dir" in one_line_error(capsys, ["sample", str(run), "--prefix", "x"])
+    assert "--fps" in one_line_error(
+        capsys, ["sample", str(run), "--gif", str(tmp_path / "a.gif"), "--fps", "0"]
+    )

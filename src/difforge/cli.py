@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +80,8 @@ _TRAIN_HELP = {
     "mixed_precision": "auto (bf16/fp16 on CUDA, off on CPU), no, bf16 or fp16",
     "seed": "random seed (initialisation, data order, noise)",
     "sample_every": "write a sample grid and denoising strip every N steps (0 = at the end only)",
+    "sample_every_epoch": "write the sample grid at the end of every epoch instead (and at the end)",
+    "previews": "write sample grids while training and at the end (--no-previews: none at all)",
     "checkpoint_every": "write a checkpoint every N steps (0 = at the end only)",
     "log_every": "log metrics every N steps",
     "keep_checkpoints": "how many checkpoints to keep",
@@ -149,7 +152,10 @@ _TRAIN_GROUPS = {
         "lr_decay_every", "lr_decay_factor", "weight_decay", "grad_clip", "ema_decay", "mixed_precision",
         "seed", "threads", "max_nonfinite_steps",
     ),
-    "previews": ("sample_every", "preview_images", "preview_sampler", "preview_steps"),
+    "previews": (
+        "sample_every", "sample_every_epoch", "previews", "preview_images", "preview_sampler",
+        "preview_steps",
+    ),
     "checkpoints and logs": ("checkpoint_every", "keep_checkpoints", "log_every", "tensorboard"),
 }  # fmt: skip
 """The sections of ``difforge train --help``; every train flag is in one."""
@@ -247,6 +253,8 @@ RESUME_CHANGEABLE = (
     "lr",
     "grad_clip",
     "sample_every",
+    "sample_every_epoch",
+    "previews",
     "checkpoint_every",
     "log_every",
     "keep_checkpoints",
@@ -599,6 +607,11 @@ def _add_sample(subparsers: Any) -> None:
     parser.add_argument("--out", help="output grid PNG (default: RUN/samples/sample_<seed>.png)")
     parser.add_argument("--no-grid", action="store_true", help="do not write the grid PNG")
     parser.add_argument("--images-dir", help="also write every image as its own PNG into this folder")
+    parser.add_argument(
+        "--prefix",
+        default="",
+        help="start of the --images-dir file names: PREFIX00000.png, ... (default: none)",
+    )
     parser.add_argument("--gif", help="write a GIF of the denoising (x_t at every step, then the result)")
     parser.add_argument("--fps", type=float, default=8.0, help="GIF frames per second (default: 8)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
@@ -606,6 +619,7 @@ def _add_sample(subparsers: Any) -> None:
 
 
 MAX_FPS = 100.0
+_SAFE_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def _check_sample_outputs(args: argparse.Namespace) -> None:
@@ -625,6 +639,14 @@ def _check_sample_outputs(args: argparse.Namespace) -> None:
         if Path(args.images_dir).is_file():
             raise DifforgeError(f"--images-dir {args.images_dir}: is a file, not a folder")
         check_output_folder(args.images_dir, "--images-dir")
+    if args.prefix:
+        if not args.images_dir:
+            raise DifforgeError("--prefix names the files of --images-dir: add --images-dir FOLDER")
+        if not _SAFE_PREFIX.fullmatch(args.prefix):
+            raise DifforgeError(
+                f"--prefix {args.prefix!r}: use at most 64 letters, digits, '-', '_' or '.' "
+                "(it starts file names)"
+            )
 
 
 def _check_sample_memory(args: argparse.Namespace, image_shape: tuple[int, int, int], steps: int) -> None:
@@ -693,7 +715,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     for batch in batches:
         if folder is not None:
             for image in batch:
-                save_png(folder / f"{count:05d}.png", image)
+                save_png(folder / f"{args.prefix}{count:05d}.png", image)
                 count += 1
         else:
             count += len(batch)
@@ -767,7 +789,7 @@ def _run_conditioned(args: argparse.Namespace, pipe: Any, sampling: Any) -> int:
     written: list[Path] = []
     if args.images_dir:
         folder = Path(args.images_dir)
-        names = [f"{file.stem}_{k:03d}" for file in files for k in range(per_picture)]
+        names = [f"{args.prefix}{file.stem}_{k:03d}" for file in files for k in range(per_picture)]
         _write_images(folder, names, samples)
         written.append(folder)
     if not args.no_grid:
@@ -810,7 +832,7 @@ def _run_cascade(args: argparse.Namespace, sampling: Any) -> int:
     written: list[Path] = []
     if args.images_dir:
         folder = Path(args.images_dir)
-        _write_images(folder, [f"{i:05d}" for i in range(len(final))], final)
+        _write_images(folder, [f"{args.prefix}{i:05d}" for i in range(len(final))], final)
         written.append(folder)
     if not args.no_grid:
         default = cascade.base.run_dir / "samples" / f"cascade_seed{sampling.seed}.png"

@@ -79,6 +79,8 @@ class TrainConfig:
         seed: seeds the model initialisation, data order, noise and timesteps.
         sample_every / checkpoint_every / log_every: intervals in optimizer steps (0 = only
             at the end for samples and checkpoints).
+        sample_every_epoch: preview at the end of every epoch instead of every ``sample_every``.
+        previews: False writes no preview at all (not even at the end).
         keep_checkpoints: how many checkpoint folders to keep.
         num_workers: DataLoader worker processes.
         tensorboard: write TensorBoard events (needs the ``tensorboard`` package).
@@ -142,6 +144,8 @@ class TrainConfig:
     mixed_precision: str = "auto"
     seed: int = 0
     sample_every: int = 500
+    sample_every_epoch: bool = False
+    previews: bool = True
     checkpoint_every: int = 500
     log_every: int = 10
     keep_checkpoints: int = 3
@@ -200,6 +204,8 @@ class TrainConfig:
             known = ", ".join(TIMESTEP_SAMPLERS)
             raise DifforgeError(f"--timestep-sampler must be one of {known}, got {self.timestep_sampler!r}")
         self._validate_lr_plan()
+        if self.sample_every_epoch and not self.previews:
+            raise DifforgeError("--sample-every-epoch with --no-previews: choose one")
         if self.mixed_precision not in MIXED_PRECISION:
             raise DifforgeError(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"

@@ -418,7 +418,7 @@ class Trainer:
             if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
                 raise self._diverged()
             at_end = self.step == self.total_steps
-            if self._due(config.sample_every, at_end):
+            if config.previews and self._due(self.preview_interval, at_end):
                 self.preview()
             saved = self._due(config.checkpoint_every, at_end) or self.step == last_step
             if saved:
@@ -444,6 +444,13 @@ class Trainer:
             "Continue with a lower learning rate: "
             f"difforge train --resume --out {self.run_dir} --lr {lr / 10:g}"
         )
+
+    @property
+    def preview_interval(self) -> int:
+        """Optimizer steps between previews: ``sample_every``, or one epoch's steps."""
+        if self.config.sample_every_epoch:
+            return max(1, math.ceil(self.batches_per_epoch / self.config.grad_accum))
+        return self.config.sample_every
 
     def _due(self, every: int, at_end: bool) -> bool:
         return at_end or (every > 0 and self.step % every == 0)

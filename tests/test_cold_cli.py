@@ -173,3 +173,17 @@ def test_a_class_conditional_cold_run_restores_with_the_null_label(cold_run: Pat
     seen.clear()
     pipe.restore(x, from_t=3, steps=3, classes=[1, 2], guidance=1.0)
     assert seen[0] == [1, 2]
+
+
+def test_noise_draws_the_degradation_of_a_cold_run(cold_run: Path, pictures: Path, tmp_path: Path) -> None:
+    from difforge.data import load_image_files
+    from difforge.images import make_grid, to_uint8
+
+    strip = tmp_path / "strip.png"
+    assert main(["noise", str(pictures), "--run", str(cold_run), "--t", "0,5,10", "--out", str(strip)]) == 0
+    process = Pipeline.from_run(cold_run, device="cpu").process
+    images, _, _ = load_image_files([str(pictures)], 16, 1)
+    expected = [process.degrade(images, torch.full((len(images),), k)) for k in (0, 5, 10)]
+    rows = torch.stack(expected, dim=1).reshape(-1, *images.shape[1:])
+    drawn = np.asarray(Image.open(strip))
+    np.testing.assert_array_equal(drawn, make_grid(to_uint8(rows), columns=3)[..., 0])

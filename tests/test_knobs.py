@@ -193,3 +193,39 @@ def test_sample_prefix_names_the_image_files(tmp_path: Path, capsys) -> None:
     assert "--fps" in one_line_error(
         capsys, ["sample", str(run), "--gif", str(tmp_path / "a.gif"), "--fps", "0"]
     )
+
+
+def test_noise_draws_x_t_under_a_named_schedule(tmp_path: Path, capsys) -> None:
+    import torch
+    from PIL import Image
+
+    from difforge.data import load_image_files
+    from difforge.diffusion import DiffusionConfig
+    from difforge.images import make_grid, to_uint8
+
+    picture = tmp_path / "square.png"
+    array = np.zeros((40, 40, 3), np.uint8)
+    array[10:30, 10:30] = (250, 120, 0)
+    Image.fromarray(array).save(picture)
+    strip = tmp_path / "strip.png"
+    argv = ["noise", str(picture), "--schedule", "cosine", "--timesteps", "200", "--image-size", "16"]
+    assert main([*argv, "--t", "0,20,199", "--out", str(strip), "--seed", "3"]) == 0
+    images, _, _ = load_image_files([str(picture)], 16, 3)
+    process = DiffusionConfig(schedule="cosine", num_timesteps=200).build()
+    generator = torch.Generator().manual_seed(3)
+    columns = [process.q_sample(images, torch.full((1,), t), torch.randn(images.shape, generator=generator))
+               for t in (0, 20, 199)]  # fmt: skip
+    expected = make_grid(to_uint8(torch.cat(columns)), columns=3)
+    np.testing.assert_array_equal(np.asarray(Image.open(strip)), expected)
+    assert main(["noise", str(picture), "--out", str(tmp_path / "default.png")]) == 0
+    assert "t = 0, 50, 100, 250, 500, 999 of 1000" in capsys.readouterr().err
+    for bad, words in (
+        (["--t", "0,1000"], "--t must be >= 0 and <= 999"),
+        (["--t", "a"], "--t 'a': give whole numbers"),
+        (["--schedule", "wavy"], "schedule"),
+        (["--run", str(tmp_path)], "config.json"),
+    ):
+        assert words in one_line_error(capsys, ["noise", str(picture), "--out", str(strip), *bad])
+    assert "does not exist" in one_line_error(
+        capsys, ["noise", str(tmp_path / "nope.png"), "--out", str(strip)]
+    )

@@ -974,6 +974,99 @@ def _run_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- noise ----------------------------------------------------------------------------------
+
+NOISE_PICTURE_SIZE = 64
+"""The side pictures are read at by ``difforge noise`` without a run."""
+
+
+def _add_noise(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "noise",
+        help="draw pictures under the forward process: x_t at chosen t, one row per picture",
+        description="Show the forward process: each picture noised (or, for a cold-diffusion run, "
+        "degraded) at the levels --t, under a run's process or a named Gaussian schedule.",
+    )
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="the strip (PNG, JPEG, ...)")
+    parser.add_argument("--run", help="use this run's process and image size (default: a Gaussian schedule)")
+    parser.add_argument(
+        "--t",
+        dest="levels",
+        help="comma-separated timesteps (default: 0, T/20, T/10, T/4, T/2, T-1; a cold run: 0, T/4, ..., T)",
+    )
+    parser.add_argument("--schedule", help="named beta schedule without --run (default: linear)")
+    parser.add_argument("--timesteps", type=int, help="T of the schedule without --run (default: 1000)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help=f"side the pictures are read at (default: the run's, else {NOISE_PICTURE_SIZE})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    parser.set_defaults(func=_run_noise)
+
+
+def _noise_levels(text: str | None, process: Any) -> list[int]:
+    total = int(process.num_timesteps)
+    cold = process.kind == "cold"
+    if text is None:
+        parts = [0, total // 4, total // 2, 3 * total // 4, total] if cold else [
+            0, total // 20, total // 10, total // 4, total // 2, total - 1]  # fmt: skip
+        return sorted(set(parts))
+    try:
+        levels = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise DifforgeError(f"--t {text!r}: give whole numbers separated by commas, e.g. 0,100,500") from None
+    high = total if cold else total - 1
+    for level in levels:
+        check_number("--t", level, low=0, high=high, integer=True)
+    return levels
+
+
+def _run_noise(args: argparse.Namespace) -> int:
+    import torch
+
+    from difforge.diffusion import DiffusionConfig
+    from difforge.images import IMAGE_FORMATS, check_output_file, make_grid, save_image, to_uint8
+    from difforge.runs import RunConfig
+
+    check_output_file(args.out, "--out", IMAGE_FORMATS)
+    if args.run is not None:
+        if args.schedule is not None or args.timesteps is not None:
+            raise DifforgeError("--schedule and --timesteps name a process: with --run the run's is used")
+        config = RunConfig.load(args.run)
+        process_config, size, channels = config.diffusion, config.model.image_size, config.model.in_channels
+    else:
+        process_config = DiffusionConfig(
+            schedule=args.schedule or "linear", num_timesteps=args.timesteps or 1000
+        )
+        size, channels = NOISE_PICTURE_SIZE, 3
+    size = args.image_size or size
+    check_number("--image-size", size, low=4, high=2048, integer=True)
+    process = process_config.build()
+    levels = _noise_levels(args.levels, process)
+    pictures, files, skipped = _read_pictures(args.images, (channels, size, size))
+    generator = torch.Generator().manual_seed(args.seed)
+    columns = []
+    for level in levels:
+        t = torch.full((pictures.shape[0],), level, dtype=torch.long)
+        noise = torch.randn(pictures.shape, generator=generator)
+        if process.kind == "cold":
+            needs = process.degradation.needs_noise
+            columns.append(process.degrade(pictures, t, noise if needs else None))
+        else:
+            columns.append(process.q_sample(pictures, t, noise))
+    strip = torch.stack(columns, dim=1).reshape(-1, *pictures.shape[1:])
+    written = save_image(args.out, make_grid(to_uint8(strip), columns=len(levels)))
+    process_name = f"{process.kind} {getattr(process_config, 'schedule', '')}".strip()
+    print(
+        f"{written}: {len(files)} pictures{f' ({skipped} skipped)' if skipped else ''} under the "
+        f"{process_name} process at t = {', '.join(map(str, levels))} of {process.num_timesteps}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _model_name(config: Any) -> str:
     return "U-Net" if config.model.kind == "unet" else f"{config.model.kind} model"
 
@@ -1078,6 +1171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(subparsers)
     _add_restore(subparsers)
     _add_upscale(subparsers)
+    _add_noise(subparsers)
     _add_info(subparsers)
     from difforge.evaluation.commands import add_eval_parser
     from difforge.interop.commands import add_interop_parsers

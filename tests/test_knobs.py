@@ -226,6 +226,6 @@ def test_noise_draws_x_t_under_a_named_schedule(tmp_path: Path, capsys) -> None:
         (["--run", str(tmp_path)], "config.json"),
     ):
         assert words in one_line_error(capsys, ["noise", str(picture), "--out", str(strip), *bad])
-    assert "does not exist" in one_line_error(
+    assert "no such file" in one_line_error(
         capsys, ["noise", str(tmp_path / "nope.png"), "--out", str(strip)]
     )

@@ -59,6 +59,7 @@ def test_sampler_report(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     ]
     assert all(r["fid"] > 0 and r["kid"] is not None for r in rows)
     assert "| heun | 3 | 5 |" in (out / "report.md").read_text()
-    assert Image.open(out / "fid_vs_nfe.png").size == (640, 400)
+    plot = Image.open(out / "fid_vs_nfe.png")
+    assert plot.format == "PNG" and plot.size[0] > 600  # drawn by matplotlib
     assert all((out / r["grid"]).is_file() for r in rows)
     assert "| sampler |" in capsys.readouterr().out

@@ -1067,6 +1067,50 @@ def _run_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plot -----------------------------------------------------------------------------------
+
+
+def _add_plot(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="plot a run's training curves: loss terms, learning rate, grad norm, images/s",
+        description="Draw metrics.jsonl against the step, each curve smoothed over its raw values "
+        "(needs matplotlib: pip install 'difforge[plot]').",
+    )
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--out", help="the plot (PNG, SVG, PDF; default: RUN/samples/training.png)")
+    parser.set_defaults(func=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from difforge.evaluation.plots import plot_training, require_matplotlib
+    from difforge.runs import RunConfig
+
+    require_matplotlib()  # before anything is read
+    run = Path(args.run)
+    RunConfig.load(run)
+    out = Path(args.out) if args.out else run / "samples" / "training.png"
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise DifforgeError(f"--out {out}: give a .png, .svg or .pdf file")
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise DifforgeError(f"{metrics} is missing: the run has logged nothing yet")
+    records, damaged = [], 0
+    for line in metrics.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            damaged += 1
+    written = plot_training(records, out, f"{run} ({len(records)} logged steps)")
+    skipped = f" ({damaged} damaged lines skipped)" if damaged else ""
+    print(f"wrote {written}: {len(records)} logged steps{skipped}", file=sys.stderr)
+    return 0
+
+
 def _model_name(config: Any) -> str:
     return "U-Net" if config.model.kind == "unet" else f"{config.model.kind} model"
 
@@ -1172,6 +1216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_restore(subparsers)
     _add_upscale(subparsers)
     _add_noise(subparsers)
+    _add_plot(subparsers)
     _add_info(subparsers)
     from difforge.evaluation.commands import add_eval_parser
     from difforge.interop.commands import add_interop_parsers

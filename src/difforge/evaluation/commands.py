@@ -32,8 +32,10 @@ from difforge.evaluation.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from difforge.evaluation.plots import PLOT_EXTRA, has_matplotlib
 from difforge.evaluation.sources import ImageSource, open_input
 from difforge.evaluation.stats import FeatureStats
+from difforge.images import IMAGE_FORMATS, check_output_file
 from difforge.sampling import SampleConfig
 from difforge.sampling.config import add_sample_flags, sample_config_from_args
 
@@ -120,6 +122,16 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "--precision-recall", action="store_true", help="also compute k-NN precision and recall (k=3)"
     )
     fid.add_argument("--json", action="store_true", help="print the result as JSON")
+    fid.add_argument(
+        "--checkpoints",
+        metavar="all|step_N,...",
+        help="A is a run: sample each of these checkpoints (EMA weights, the same seeds) and print FID "
+        "against B by training step, with a plot (--plot)",
+    )
+    fid.add_argument(
+        "--plot",
+        help="with --checkpoints: the plot of FID against the step (default: RUN/samples/fid_by_step.png)",
+    )
     fid.add_argument(
         "--upsample",
         action="append",
@@ -278,7 +290,13 @@ def compare_stats(
 def run_fid(args: argparse.Namespace) -> int:
     """``eval fid``: FID between ``args.a`` and ``args.b`` printed (text or JSON)."""
     if args.upsample:
+        if args.checkpoints:
+            raise DifforgeError("--checkpoints and --upsample: evaluate one at a time")
         return run_cascade_fid(args)
+    if args.checkpoints:
+        return run_checkpoint_fid(args)
+    if args.plot:
+        raise DifforgeError("--plot draws FID by training step: it goes with --checkpoints")
     sampling = _sampling(args)
     items = [open_input(spec, args.num_images, sampling) for spec in (args.a, args.b)]
     if all(isinstance(i, FeatureStats) for i in items):
@@ -296,6 +314,71 @@ def run_fid(args: argparse.Namespace) -> int:
             "between runs with the same numbers of images",
             file=sys.stderr,
         )
+    return 0
+
+
+def chosen_checkpoints(run: str, spec: str) -> list[Path]:
+    """The checkpoint folders ``--checkpoints`` names (``all``, or ``step_500,1000``), each
+    with an intact ``ema.safetensors``; checked before anything is sampled."""
+    from difforge.runs.storage import check_checkpoint, checkpoint_dirs, resolve_run_path
+
+    run_dir, _ = resolve_run_path(run)
+    found = {int(folder.name.split("_")[1]): folder for folder in checkpoint_dirs(run_dir)}
+    if not found:
+        raise DifforgeError(f"{run_dir} has no checkpoints")
+    if spec.strip() == "all":
+        chosen = sorted(found)
+    else:
+        chosen = []
+        for item in spec.split(","):
+            text = item.strip().removeprefix("step_")
+            if not text.isdigit() or int(text) not in found:
+                known = ", ".join(f"step_{step}" for step in sorted(found))
+                raise DifforgeError(
+                    f"--checkpoints: {run_dir} has no checkpoint {item.strip()!r} (it has {known})"
+                )
+            chosen.append(int(text))
+    for step in chosen:
+        check_checkpoint(found[step], ("ema.safetensors",))
+    return [found[step] for step in chosen]
+
+
+def run_checkpoint_fid(args: argparse.Namespace) -> int:
+    """``eval fid RUN REF --checkpoints ...``: each checkpoint's EMA weights sampled with the
+    same settings and seed, FID against REF per training step; a table and a plot."""
+    from difforge.evaluation.plots import plot_fid_by_step
+    from difforge.evaluation.sources import run_source
+    from difforge.runs.storage import resolve_run_path
+
+    folders = chosen_checkpoints(args.a, args.checkpoints)
+    run_dir, _ = resolve_run_path(args.a)
+    sampling = _sampling(args)
+    plot = Path(args.plot) if args.plot else run_dir / "samples" / "fid_by_step.png"
+    if args.plot:
+        check_output_file(plot, "--plot", IMAGE_FORMATS)
+    if not has_matplotlib():
+        print(f"note: no plot without matplotlib ({PLOT_EXTRA}); the table is printed", file=sys.stderr)
+    reference = open_input(args.b, args.num_images, sampling)
+    extractor = _LazyExtractor(args)
+    reference_stats = _to_stats(reference, args, extractor)
+    rows = []
+    for folder in folders:
+        samples = _to_stats(run_source(folder, args.num_images, sampling), args, extractor)
+        result = compare_stats(samples, reference_stats)
+        rows.append({"checkpoint": folder.name, "step": int(folder.name.split("_")[1]), **asdict(result)})
+        if not args.quiet:
+            print(f"{folder.name}: FID {result.fid:.4f}", file=sys.stderr)
+    if has_matplotlib():
+        plot_fid_by_step(rows, plot, f"{run_dir}: {args.num_images} samples per checkpoint against {args.b}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print("| step | FID |\n|---|---|")
+        for row in rows:
+            print(f"| {row['step']} | {row['fid']:.4f} |")
+        print(f"reference: {rows[-1]['source_b']}")
+    if has_matplotlib():
+        print(f"wrote {plot}", file=sys.stderr)
     return 0
 
 
@@ -378,6 +461,11 @@ def run_samplers(args: argparse.Namespace) -> int:
     if args.num_images is None:
         raise DifforgeError("eval samplers needs -n/--num-images: how many images per sampler")
     pipe = Pipeline.from_run(args.run, device="cpu" if args.device == "cpu" else "auto")
+    if not has_matplotlib():
+        print(
+            f"note: no fid_vs_nfe.png without matplotlib ({PLOT_EXTRA}); the tables are written",
+            file=sys.stderr,
+        )
     extractor = _LazyExtractor(args)
     reference = open_input(args.ref, None)
     reference = _to_stats(reference, args, extractor)
@@ -388,7 +476,8 @@ def run_samplers(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )  # fmt: skip
     print((out_dir / "report.md").read_text(encoding="utf-8"), end="")
-    print(f"wrote {out_dir}/report.md, report.json, fid_vs_nfe.png and {len(rows)} grids", file=sys.stderr)
+    plot = ", fid_vs_nfe.png" if has_matplotlib() else ""
+    print(f"wrote {out_dir}/report.md, report.json{plot} and {len(rows)} grids", file=sys.stderr)
     return 0
 
 

@@ -7,8 +7,8 @@ different (looser) number, labelled as an estimate.
 
 ``difforge eval samplers RUN --ref DATA --samplers ddpm:1000,ddim:50,dpmpp_2m:20 -n N``:
 samples N images per sampler with the same seeds, and writes a Markdown and a JSON table
-(sampler, steps, NFE, FID, KID, seconds per image), a PNG plot of FID against NFE and one
-grid per sampler.
+(sampler, steps, NFE, FID, KID, seconds per image), a plot of FID against NFE (with
+matplotlib, `difforge.evaluation.plots`) and one grid per sampler.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch.utils.data import default_collate
 
 from difforge.conditioning import prepare_conditions
 from difforge.errors import DifforgeError
 from difforge.evaluation.cache import compute_stats
 from difforge.evaluation.metrics import frechet_distance, frechet_distance_features, kernel_inception_distance
+from difforge.evaluation.plots import has_matplotlib, plot_fid_vs_nfe
 from difforge.evaluation.sources import array_source
 from difforge.evaluation.stats import FeatureStats
 from difforge.images import make_grid, save_png
@@ -198,7 +197,7 @@ def sampler_report(
 
 
 def write_report(rows: list[SamplerRow], out_dir: Path, num_images: int, reference: str) -> None:
-    """``report.md``, ``report.json`` and ``fid_vs_nfe.png`` in ``out_dir``."""
+    """``report.md``, ``report.json`` and, with matplotlib, ``fid_vs_nfe.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         f"Sampler report: {num_images} images per sampler against {reference}",
@@ -213,45 +212,7 @@ def write_report(rows: list[SamplerRow], out_dir: Path, num_images: int, referen
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     payload = {"num_images": num_images, "reference": reference, "rows": [asdict(r) for r in rows]}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    save_png(out_dir / "fid_vs_nfe.png", plot_fid_vs_nfe(rows))
-
-
-def plot_fid_vs_nfe(rows: list[SamplerRow], size: tuple[int, int] = (640, 400)) -> np.ndarray:
-    """A small scatter/line chart of FID against NFE (log scale), one colour per sampler,
-    drawn with PIL so the report needs no plotting library. Returns (H, W, 3) uint8."""
-    width, height = size
-    left, right, top, bottom = 60, 150, 20, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    nfes = [math.log10(max(r.nfe, 1)) for r in rows]
-    fids = [r.fid for r in rows]
-    x_low, x_high = min(nfes) - 0.1, max(nfes) + 0.1
-    y_low, y_high = 0.0, max(fids) * 1.1 + 1e-9
-
-    def position(nfe: float, fid: float) -> tuple[float, float]:
-        x = left + (nfe - x_low) / (x_high - x_low) * (width - right - left)
-        y = height - bottom - (fid - y_low) / (y_high - y_low) * (height - bottom - top)
-        return x, y
-
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    names = list(dict.fromkeys(r.sampler for r in rows))
-    for index, name in enumerate(names):
-        colour = palette[index % len(palette)]
-        points = sorted(position(n, f) for n, f, r in zip(nfes, fids, rows, strict=True) if r.sampler == name)
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        draw.text((width - right + 10, top + 16 * index), name, fill=colour)
-    for nfe in sorted({r.nfe for r in rows}):
-        x, _ = position(math.log10(max(nfe, 1)), 0)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x - 8, height - bottom + 6), str(nfe), fill="black")
-    for fraction in (0.0, 0.5, 1.0):
-        value = y_low + fraction * (y_high - y_low)
-        _, y = position(x_low, value)
-        draw.text((5, y - 6), f"{value:.1f}", fill="black")
-    draw.text((left + 150, height - 18), "network evaluations (NFE, log scale)", fill="black")
-    draw.text((5, 2), "FID", fill="black")
-    return np.asarray(image)
+    if has_matplotlib():
+        plot_fid_vs_nfe(
+            rows, out_dir / "fid_vs_nfe.png", f"{num_images} images per sampler against {reference}"
+        )

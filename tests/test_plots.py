@@ -18,8 +18,10 @@ from difforge.evaluation.plots import smoothed
 pytest.importorskip("sklearn", reason="the digits dataset comes with the [datasets] extra")
 pytest.importorskip("matplotlib", reason="the plots come with the [plot] extra")
 
-TINY = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--timesteps", "50", "--no-tensorboard",
-        "--no-progress", "--preview-images", "2", "--preview-steps", "2", "--warmup-steps", "0", "--log-every", "1"]  # fmt: skip
+TINY = [
+    "--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--timesteps", "50", "--no-tensorboard",
+    "--no-progress", "--preview-images", "2", "--preview-steps", "2", "--warmup-steps", "0", "--log-every", "1",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

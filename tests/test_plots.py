@@ -20,7 +20,8 @@ pytest.importorskip("matplotlib", reason="the plots come with the [plot] extra")
 
 TINY = [
     "--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--timesteps", "50", "--no-tensorboard",
-    "--no-progress", "--preview-images", "2", "--preview-steps", "2", "--warmup-steps", "0", "--log-every", "1",
+    "--no-progress", "--preview-images", "2", "--preview-steps", "2", "--warmup-steps", "0",
+    "--log-every", "1",
 ]  # fmt: skip
 
 

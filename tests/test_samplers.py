@@ -14,6 +14,7 @@ from difforge.sampling import (
     DiscreteDenoiser,
     classifier_free_guidance,
     ddim,
+    ddim_var,
     ddpm,
     dpmpp_2m,
     euler,
@@ -332,3 +333,64 @@ def test_dispatcher_rejects_bad_arguments(fake_model):
         ddpm(fake_model(2), diffusion, noise, [5, 5, 7])
     with pytest.raises(DifforgeError, match=r"model output shape \(3, 4, 4, 4\) != x_t shape"):
         ddpm(fake_model(2, 4), diffusion, noise, [0, 50])
+
+
+# ---- DDIM with the learned variance ----------------------------------------------------------
+
+
+def _variance_pinned(model, value: float):
+    """``model``'s prediction channels with the variance channels pinned to ``value``."""
+
+    def pinned(x: torch.Tensor, t: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        out = model(x, t)
+        channels = x.shape[1]
+        return torch.cat([out[:, :channels], torch.full_like(out[:, channels:], value)], dim=1)
+
+    return pinned
+
+
+def test_ddim_var_at_the_posterior_variance_is_ddim_with_eta_1(fake_model, assert_rel) -> None:
+    diffusion = make(T=200, variance="learned_range", loss="hybrid")
+    model = _variance_pinned(fake_model(3, out_channels=6), -1.0)  # v = -1: Sigma = beta~_t
+    noise = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    steps = torch.randn(10, 2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    learned = ddim_var(model, diffusion, noise, "10", step_noise=steps)
+    eta_one = ddim(model, diffusion, noise, "10", eta=1.0, step_noise=steps)
+    assert_rel(learned, eta_one, 1e-12, "ddim_var(v=-1) vs ddim(eta=1)")
+
+
+def test_ddim_var_follows_its_closed_form(fake_model, assert_rel) -> None:
+    diffusion = make(T=100, variance="learned_range", loss="hybrid")
+    network = fake_model(3, out_channels=6)
+    noise = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    steps = torch.randn(5, 1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ours = ddim_var(network, diffusion, noise, "5", step_noise=steps, clip_denoised=False)
+    # float64 by hand on the respaced chain: sigma^2 = min(Sigma_theta, 1 - alpha_bar_s)
+    kept = diffusion.schedule.timesteps("5")
+    alpha_bar = diffusion.schedule.alphas_cumprod[kept]
+    x = noise.clone()
+    for step, index in enumerate(reversed(range(len(kept)))):
+        a_t = float(alpha_bar[index])
+        a_s = float(alpha_bar[index - 1]) if index > 0 else 1.0
+        beta = 1 - a_t / a_s
+        beta_tilde = (1 - a_s) / (1 - a_t) * beta if index > 0 else (1 - float(alpha_bar[0])) / 1.0
+        if index == 0:  # IDDPM's clipped log: beta~ of the next step
+            a_1 = float(alpha_bar[1])
+            beta_tilde = (1 - a_t) / (1 - a_1) * (1 - a_1 / a_t)
+        out = network(x, torch.full((1,), int(kept[index])))
+        eps, v = out[:, :3], out[:, 3:]
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        frac = (v + 1) / 2
+        sigma_sq = torch.minimum(torch.exp(frac * math.log(beta) + (1 - frac) * math.log(beta_tilde)),
+                                 torch.tensor(1 - a_s, dtype=torch.float64))  # fmt: skip
+        x = math.sqrt(a_s) * x0 + torch.sqrt((1 - a_s) - sigma_sq) * eps + torch.sqrt(sigma_sq) * steps[step]
+    assert_rel(ours, x, 1e-10, "ddim_var closed form")
+
+
+def test_ddim_var_of_a_fixed_variance_model_uses_that_variance(fake_model, assert_rel) -> None:
+    model = fake_model(3)
+    noise = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    steps = torch.randn(8, 2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    small = make(T=100)  # fixed_small: sigma^2 = beta~_t, DDIM's eta = 1
+    ours = ddim_var(model, small, noise, "8", step_noise=steps)
+    assert_rel(ours, ddim(model, small, noise, "8", eta=1.0, step_noise=steps), 1e-12, "fixed_small")

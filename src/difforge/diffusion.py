@@ -517,6 +517,22 @@ class GaussianDiffusion:
 
     # ---- reverse process -----------------------------------------------------------------
 
+    def log_variance(
+        self, variance_values: torch.Tensor | None, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """log Sigma of p(x_{t-1} | x_t): learned, v' log beta_t + (1 - v') log beta~_t with
+        v' = (v + 1) / 2 (IDDPM eq. 15) from ``variance_values`` (the second half of a
+        learned_range network's channels, (B, C, ...)); or the fixed log beta~_t (fixed_small)
+        or log beta_t (fixed_large), broadcast against x_t."""
+        if variance_values is not None:
+            min_log = self._table("posterior_log_variance_clipped", t, x_t)
+            max_log = self._table("log_betas", t, x_t)
+            fraction = (variance_values + 1.0) / 2.0
+            return fraction * max_log + (1.0 - fraction) * min_log
+        if self.variance == "fixed_large":
+            return self._table("large_log_variance", t, x_t)
+        return self._table("posterior_log_variance_clipped", t, x_t)
+
     def p_mean_variance(
         self,
         model_output: torch.Tensor,
@@ -542,18 +558,13 @@ class GaussianDiffusion:
         """
         self._check_t(t, x_t.shape[0])
         prediction, variance_values = self.split_output(model_output, x_t)
+        log_variance = self.log_variance(variance_values, x_t, t)
         if variance_values is not None:
-            min_log = self._table("posterior_log_variance_clipped", t, x_t)
-            max_log = self._table("log_betas", t, x_t)
-            fraction = (variance_values + 1.0) / 2.0
-            log_variance = fraction * max_log + (1.0 - fraction) * min_log
             variance = torch.exp(log_variance)
         elif self.variance == "fixed_large":
             variance = self._table("large_variance", t, x_t)
-            log_variance = self._table("large_log_variance", t, x_t)
         else:
             variance = self._table("posterior_variance", t, x_t)
-            log_variance = self._table("posterior_log_variance_clipped", t, x_t)
         x0 = self.denoise(prediction, x_t, t, clip_denoised, dynamic_threshold, denoised_fn)
         mean, _, _ = self.q_posterior(x0, x_t, t)
         return PMeanVariance(mean, variance, log_variance, x0)

@@ -23,6 +23,7 @@ from difforge.sampling.samplers import (
     Callback,
     RestartInterval,
     ddim,
+    ddim_var,
     ddpm,
     dpmpp_2m,
     dpmpp_2m_sde,
@@ -191,6 +192,13 @@ register_sampler(
     processes=_GAUSSIAN,
     summary="DDIM with eta on the respaced chain",
     options={"eta": 0.0},
+)
+register_sampler(
+    "ddim_var",
+    ddim_var,
+    _runner(ddim_var, _respaced_timesteps, stochastic=True),
+    processes=_GAUSSIAN,
+    summary="DDIM with the model's own reverse variance (learned or fixed) as its noise",
 )
 register_sampler(
     "euler",

@@ -112,6 +112,10 @@ def _checked_noise(noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return noise.to(device=x.device, dtype=x.dtype)
 
 
+MODEL_SIGMA = "model"
+"""`ddim_step`'s ``eta`` that takes sigma^2 from the model's reverse variance (`ddim_var`)."""
+
+
 def _checked_eta(eta: float) -> float:
     if eta < 0:
         raise DifforgeError(f"eta must be >= 0, got {eta!r}")
@@ -167,6 +171,7 @@ class _DDIMCoefficients(NamedTuple):
     scale_eps: torch.Tensor  # sqrt(1 - alpha_bar_s - sigma^2)
     sigma: torch.Tensor
     stochastic: bool  # some sigma > 0
+    room: torch.Tensor  # 1 - alpha_bar_s, the largest sigma^2
 
 
 def _ddim_coefficients(
@@ -194,9 +199,11 @@ def _ddim_coefficients(
     alpha_bar_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], 1.0)
     sigma = eta * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * np.sqrt(1 - alpha_bar / alpha_bar_prev)
     scale_eps = np.sqrt(np.maximum(1 - alpha_bar_prev - sigma**2, 0.0))
-    table = torch.from_numpy(np.stack([np.sqrt(alpha_bar_prev), scale_eps, sigma])).to(x.dtype)
-    scale_x0_t, scale_eps_t, sigma_t = (_per_example(row, x) for row in table)
-    return _DDIMCoefficients(scale_x0_t, scale_eps_t, sigma_t, bool(np.any(sigma > 0)))
+    rows = np.stack([np.sqrt(alpha_bar_prev), scale_eps, sigma, 1 - alpha_bar_prev])
+    scale_x0_t, scale_eps_t, sigma_t, room_t = (
+        _per_example(row, x) for row in torch.from_numpy(rows).to(x.dtype)
+    )
+    return _DDIMCoefficients(scale_x0_t, scale_eps_t, sigma_t, bool(np.any(sigma > 0)), room_t)
 
 
 def ddim_step(
@@ -206,7 +213,7 @@ def ddim_step(
     t: torch.Tensor,
     t_prev: torch.Tensor,
     *,
-    eta: float = 0.0,
+    eta: float | str = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
     clip_denoised: bool = True,
     dynamic_threshold: float | None = None,
@@ -234,15 +241,24 @@ def ddim_step(
 
     Returns x_s and the (clipped) x0_hat, both (B, C, H, W).
     """
-    coefficients = _ddim_coefficients(diffusion, t, t_prev, _checked_eta(eta), x)
+    own_variance = eta == MODEL_SIGMA
+    if own_variance and bool((t_prev != t - 1).any()):
+        raise DifforgeError(
+            "DDIM with the model's variance needs t_prev = t - 1 (the step its variance is for)"
+        )
+    coefficients = _ddim_coefficients(diffusion, t, t_prev, 1.0 if own_variance else _checked_eta(eta), x)
     output = model(x, diffusion.model_timesteps(t), **dict(model_kwargs or {}))
-    prediction, _ = diffusion.split_output(output, x)
+    prediction, variance_values = diffusion.split_output(output, x)
     pred_x0 = diffusion.denoise(prediction, x, t, clip_denoised, dynamic_threshold)
     eps = diffusion.eps_from_x0(x, t, pred_x0)
-    x_prev = coefficients.scale_x0 * pred_x0 + coefficients.scale_eps * eps
+    sigma, scale_eps = coefficients.sigma, coefficients.scale_eps
+    if own_variance:  # sigma^2 = Sigma_theta per pixel, at most 1 - alpha_bar_s
+        room = coefficients.room
+        sigma_sq = torch.minimum(torch.exp(diffusion.log_variance(variance_values, x, t)), room)
+        sigma, scale_eps = sigma_sq.sqrt(), (room - sigma_sq).clamp_min(0).sqrt()
+    x_prev = coefficients.scale_x0 * pred_x0 + scale_eps * eps
     if not coefficients.stochastic:
         return StepOutput(x_prev, pred_x0)
-    sigma = coefficients.sigma
     noise = _checked_noise(standard_normal_like(x, generator) if noise is None else noise, x)
     return StepOutput(torch.where(sigma > 0, x_prev + sigma * noise, x_prev), pred_x0)
 
@@ -308,7 +324,7 @@ def ddim(
     noise: torch.Tensor,
     timesteps: Timesteps,
     *,
-    eta: float = 0.0,
+    eta: float | str = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
     clip_denoised: bool = True,
     dynamic_threshold: float | None = None,
@@ -331,8 +347,11 @@ def ddim(
     With eta > 0, z of step ``index`` (0 .. K-2) comes from ``generator``, or is exactly
     ``step_noise``'s (as in `ddpm`: a callable called at steps 0 .. K-2, or a (K, *noise.shape)
     tensor whose last slice is unused); with eta = 0 no noise is used or asked for.
+
+    ``eta="model"`` (`ddim_var`) takes sigma^2 per pixel from the model's reverse variance
+    Sigma_theta(x_t, t) on the kept chain (learned or fixed), capped at 1 - alpha_bar_s.
     """
-    eta = _checked_eta(eta)
+    stochastic = eta == MODEL_SIGMA or _checked_eta(eta) > 0  # type: ignore[arg-type]
     process = _process_for(diffusion, timesteps)
     total = process.num_timesteps
     draw = step_noise_source(step_noise, generator, total, noise)
@@ -349,13 +368,28 @@ def ddim(
             model_kwargs=model_kwargs,
             clip_denoised=clip_denoised,
             dynamic_threshold=dynamic_threshold,
-            noise=draw(step, x) if eta > 0 and index > 0 else None,
+            noise=draw(step, x) if stochastic and index > 0 else None,
         )
         if callback is not None:
             timestep = float(process.schedule.timestep_map[index])
             callback(StepInfo(step, total, timestep, x, out.pred_x0, out.x_prev))
         x = out.x_prev
     return x
+
+
+def ddim_var(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    timesteps: Timesteps,
+    **options: Any,
+) -> torch.Tensor:
+    """`ddim` whose noise at each kept step is the model's own reverse variance,
+    sigma^2 = min(Sigma_theta(x_t, t), 1 - alpha_bar_s) per pixel (``eta="model"``): a
+    learned_range model's learned variance (IDDPM eq. 15), else the fixed one (fixed_small:
+    beta~_t, which is DDIM with eta = 1; fixed_large: beta_t). The rest of the DDIM update
+    keeps x_s's marginal variance. Options as `ddim`'s."""
+    return ddim(model, diffusion, noise, timesteps, eta=MODEL_SIGMA, **options)
 
 
 # --------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ COMBINATIONS = {
     ),
     "recipes": (
         ["--channel-mult", "1,2,2", "--blocks", "res/convnext,linear_attn/res,cls_attn,chn_attn",
-         "--mid-blocks", "res,res", "--attention-res", "none", "--head-channels", "16", "--convnext-mult", "3",
-         "--cls-attn-tokens", "2"],
+         "--mid-blocks", "res,res", "--attention-res", "none", "--head-channels", "16",
+         "--convnext-mult", "3", "--cls-attn-tokens", "2"],
         dict(channel_mult=(1, 2, 2), blocks=("res", "convnext,linear_attn", "res,cls_attn,chn_attn"),
              mid_blocks="res,res", attention_resolutions=(), head_channels=16, convnext_mult=3,
              cls_attn_tokens=2),

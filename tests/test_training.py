@@ -146,7 +146,7 @@ def test_bad_train_settings_are_clear_errors() -> None:
         ("ema_decay", 1.5, "--ema-decay"),
         ("p_uncond", 1.0, "--p-uncond"),
         ("mixed_precision", "fp8", "--mixed-precision"),
-        ("lr_schedule", "linear", "--lr-schedule"),
+        ("lr_schedule", "exponential", "--lr-schedule"),
     ]:
         with pytest.raises(DifforgeError, match=flag):
             replace(TrainConfig(), **{field: value}).validate()

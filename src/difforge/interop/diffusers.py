@@ -49,6 +49,7 @@ from difforge.runs.storage import (
     WEIGHTS_RECORD,
     file_digest,
     load_tensors,
+    read_json_object,
     resolve_run_path,
     save_tensors_atomic,
     write_bytes_atomic,
@@ -153,16 +154,6 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
 # ---- import ------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DifforgeError(f"{path} is damaged or unreadable ({error})") from None
-    if not isinstance(data, dict):
-        raise DifforgeError(f"{path} is damaged (not a JSON object)")
-    return data
-
-
 @dataclass(frozen=True)
 class DiffusersFolder:
     """The files of a diffusers model: the UNet's config and weights, the scheduler config,
@@ -184,7 +175,7 @@ def find_diffusers_files(source: str | Path) -> DiffusersFolder:
         raise DifforgeError(f"{folder} {problem}: name a diffusers pipeline folder or its unet/ folder")
     root = folder
     if (folder / "model_index.json").is_file():
-        index = _read_json(folder / "model_index.json")
+        index = read_json_object(folder / "model_index.json")
         unet_entry = index.get("unet")
         if not isinstance(unet_entry, list) or unet_entry[-1:] != ["UNet2DModel"]:
             raise DifforgeError(
@@ -235,7 +226,7 @@ def _exported_run(files: DiffusersFolder, unet_data: dict[str, Any]) -> tuple[Ru
     """The run config stored by a difforge export, if it still describes the folder's network."""
     if files.sidecar is None:
         return None, None
-    data = _read_json(files.sidecar)
+    data = read_json_object(files.sidecar)
     if data.get("format") != SIDECAR_FORMAT or not isinstance(data.get("run"), dict):
         return None, f"{files.sidecar} is not a difforge export record: ignored"
     try:
@@ -281,9 +272,11 @@ def import_diffusers(source: str | Path, out: str | Path) -> ImportReport:
     apply to it; a difforge export is read back with its own config (bit-exact)."""
     out = Path(out)
     files = find_diffusers_files(source)
-    unet_data = _read_json(files.unet_config)
+    unet_data = read_json_object(files.unet_config)
     imported = unet_config_from_diffusers(unet_data, str(files.unet_config))
-    process = scheduler_config_from_diffusers(_read_json(files.scheduler_config), str(files.scheduler_config))
+    process = scheduler_config_from_diffusers(
+        read_json_object(files.scheduler_config), str(files.scheduler_config)
+    )
     notes: list[str] = []
     run, note = _exported_run(files, unet_data)
     if note is not None:

@@ -20,6 +20,7 @@ from difforge.conditioning import ClassLabel, ConditionContext, ImageCondition
 from difforge.errors import DifforgeError, check_number, dataclass_from_mapping
 from difforge.process import ProcessConfig, process_config_from_dict
 from difforge.runs.models import model_config_from_dict, model_config_to_dict
+from difforge.runs.storage import read_json_object
 from difforge.runs.threads import parse_threads
 from difforge.sampling import SampleConfig, sampler_names
 from difforge.sampling.config import MAX_SEED
@@ -433,13 +434,7 @@ class RunConfig:
             raise DifforgeError(f"run folder {str(run_dir)!r} {problem}")
         if not path.is_file():
             raise DifforgeError(f"{path} is missing: is {str(run_dir)!r} a difforge run folder?")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DifforgeError(f"{path} is damaged ({error})") from None
-        if not isinstance(data, dict):
-            raise DifforgeError(f"{path} is damaged (not a JSON object)")
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json_object(path), str(path))
 
 
 def condition_context(run: RunConfig) -> ConditionContext:

@@ -326,13 +326,20 @@ def _digests_from_json(data: Any, source: Path) -> dict[str, FileDigest]:
     return digests
 
 
-def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; unreadable, not JSON or not an object is a one-line
+    DifforgeError naming the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DifforgeError(f"{path} is damaged or unreadable ({_one_line(error)})") from None
     if not isinstance(data, dict):
         raise DifforgeError(f"{path} is damaged (not a JSON object)")
+    return data
+
+
+def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
+    data = read_json_object(path)
     if data.get("format") != expected_format:
         raise DifforgeError(
             f"{path} has format {data.get('format')!r}, not {expected_format!r} "

@@ -382,6 +382,9 @@ def _custom_schedule(path: str, diffusion_values: dict[str, Any]) -> dict[str, A
     from difforge.diffusion import CUSTOM_SCHEDULE
     from difforge.schedule import NoiseSchedule
 
+    for name in ("schedule", "beta_start", "beta_end"):
+        if diffusion_values.get(name) is not None:
+            raise DifforgeError(f"--betas gives the whole schedule: drop {_flag(name)}")
     file = Path(path)
     if not file.is_file():
         raise DifforgeError(f"--betas {path}: no such file")
@@ -397,9 +400,6 @@ def _custom_schedule(path: str, diffusion_values: dict[str, Any]) -> dict[str, A
         NoiseSchedule(values)
     except DifforgeError as error:
         raise DifforgeError(f"--betas {path}: {error}") from None
-    for name in ("schedule", "beta_start", "beta_end"):
-        if diffusion_values.get(name) is not None:
-            raise DifforgeError(f"--betas gives the whole schedule: drop {_flag(name)}")
     steps = diffusion_values.get("num_timesteps")
     if steps is not None and steps != len(values):
         raise DifforgeError(f"--betas {path} holds {len(values)} betas, --timesteps says {steps}")
@@ -1082,6 +1082,22 @@ def _add_plot(subparsers: Any) -> None:
     parser.set_defaults(func=_run_plot)
 
 
+def _metrics_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects of ``metrics.jsonl`` and how many non-empty lines were not one (a line
+    cut by a kill, or an integer too long to convert). OSError as it comes."""
+    records, damaged = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            damaged += 1
+    return records, damaged
+
+
 def _run_plot(args: argparse.Namespace) -> int:
     from difforge.evaluation.plots import plot_training, require_matplotlib
     from difforge.runs import RunConfig
@@ -1095,16 +1111,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise DifforgeError(f"{metrics} is missing: the run has logged nothing yet")
-    records, damaged = [], 0
-    for line in metrics.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        elif line.strip():
-            damaged += 1
+    records, damaged = _metrics_records(metrics)
     written = plot_training(records, out, f"{run} ({len(records)} logged steps)")
     skipped = f" ({damaged} damaged lines skipped)" if damaged else ""
     print(f"wrote {written}: {len(records)} logged steps{skipped}", file=sys.stderr)
@@ -1139,17 +1146,10 @@ def _run_info(args: argparse.Namespace) -> int:
     metrics = run / "metrics.jsonl"
     if metrics.is_file():  # the last line that parses: a killed run may have cut the last one
         try:
-            lines = metrics.read_bytes().decode("utf-8", errors="replace").strip().splitlines()
+            records, _ = _metrics_records(metrics)
         except OSError:
-            lines = []
-        for line in reversed(lines):
-            try:
-                parsed = json.loads(line)
-            except ValueError:  # not JSON, or an integer too long to convert
-                continue
-            if isinstance(parsed, dict):
-                last_metrics = parsed
-                break
+            records = []
+        last_metrics = records[-1] if records else {}
     model = config.model
     print(f"run:        {run}")
     print(f"version:    difforge {config.difforge_version}")
